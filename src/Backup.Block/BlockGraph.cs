@@ -1,0 +1,355 @@
+namespace Backup.Block;
+
+/// <summary>Opens one kind of node from its options.</summary>
+public interface IBlockDriver
+{
+    /// <summary>The <c>driver</c> value that selects this driver.</summary>
+    string Name { get; }
+
+    /// <summary>
+    /// Opens the node. Children are opened through <see cref="BlockGraph.OpenChildAsync"/>; if opening
+    /// fails after that, the graph releases the children it made for this node.
+    /// </summary>
+    ValueTask<BlockNode> OpenAsync(NodeContext context, CancellationToken cancellationToken);
+}
+
+/// <summary>
+/// The nodes the daemon owns, by unique node-name, and the edges between them. Top-level nodes are
+/// added by the user (--blockdev, blockdev-add); nodes given inline as children get generated names
+/// and belong to their parent: they go when it goes.
+/// </summary>
+public sealed class BlockGraph
+{
+    /// <summary>QEMU keeps node names in a 32-byte buffer.</summary>
+    public const int MaxNodeNameLength = 31;
+
+    private readonly Lock _lock = new();
+    private readonly List<BlockNode> _nodes = [];
+    private readonly Dictionary<string, BlockNode> _byName = new(StringComparer.Ordinal);
+    private readonly Dictionary<BlockNode, List<BlockNode>> _parents = [];
+    private readonly HashSet<BlockNode> _userAdded = [];
+    private readonly Dictionary<string, IBlockDriver> _drivers = new(StringComparer.Ordinal);
+    private long _implicitNameCounter;
+
+    public BlockGraph(IEnumerable<IBlockDriver> drivers)
+    {
+        ArgumentNullException.ThrowIfNull(drivers);
+        foreach (var d in drivers)
+        {
+            _drivers.Add(d.Name, d);
+        }
+    }
+
+    /// <summary>A graph with the drivers this assembly provides.</summary>
+    public static BlockGraph CreateDefault() => new(BuiltinDrivers.All);
+
+    public IReadOnlyCollection<string> DriverNames => _drivers.Keys;
+
+    /// <summary>Every node, newest first (the order query-named-block-nodes lists them in).</summary>
+    public IReadOnlyList<BlockNode> Nodes
+    {
+        get
+        {
+            lock (_lock)
+            {
+                var list = _nodes.ToList();
+                list.Reverse();
+                return list;
+            }
+        }
+    }
+
+    /// <summary>Nodes that no other node uses as a child (what a guest or a backup would attach to).</summary>
+    public IReadOnlyList<BlockNode> RootNodes
+    {
+        get
+        {
+            lock (_lock)
+            {
+                var roots = _nodes.Where(n => _parents[n].Count == 0).ToList();
+                roots.Reverse();
+                return roots;
+            }
+        }
+    }
+
+    public BlockNode? Find(string nodeName)
+    {
+        lock (_lock)
+        {
+            return _byName.GetValueOrDefault(nodeName);
+        }
+    }
+
+    /// <summary>Parents of a node: the nodes that hold it as a child.</summary>
+    public IReadOnlyList<BlockNode> ParentsOf(BlockNode node)
+    {
+        lock (_lock)
+        {
+            return _parents.TryGetValue(node, out var p) ? p.ToList() : [];
+        }
+    }
+
+    /// <summary>Opens a node the user asked for (--blockdev, blockdev-add). It must carry a node-name.</summary>
+    public async ValueTask<BlockNode> AddAsync(BlockOptions options, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        if (options.NodeName is null)
+        {
+            throw new BlockException("node-name is required for top-level blockdev");
+        }
+        var node = await OpenAsync(options, inherited: null, cancellationToken).ConfigureAwait(false);
+        lock (_lock)
+        {
+            _userAdded.Add(node);
+        }
+        return node;
+    }
+
+    /// <summary>
+    /// Opens the child <paramref name="key"/> of a node being opened: a reference to an existing node by
+    /// name, or nested options for a new node that inherits the parent's read-only and cache settings.
+    /// Returns null when the key is absent and not <paramref name="required"/>.
+    /// </summary>
+    public async ValueTask<BlockNode?> OpenChildAsync(NodeContext parent, string key, bool required,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(parent);
+        switch (parent.Options[key])
+        {
+            case string reference:
+                return Find(reference) ?? throw new BlockException(
+                    $"Cannot find device='{reference}' nor node-name='{reference}'");
+            case BlockOptions nested:
+                return await OpenAsync(nested, parent, cancellationToken).ConfigureAwait(false);
+            case null when required:
+                throw new BlockException($"A block device must be specified for \"{key}\"");
+            default:
+                return null;
+        }
+    }
+
+    /// <summary>Records that <paramref name="parent"/> now holds <paramref name="child"/>; called by the graph after a driver opened.</summary>
+    private void Link(BlockNode parent)
+    {
+        foreach (var c in parent.Children)
+        {
+            _parents[c.Node].Add(parent);
+        }
+    }
+
+    private async ValueTask<BlockNode> OpenAsync(BlockOptions options, NodeContext? inherited, CancellationToken cancellationToken)
+    {
+        var driverName = options.Driver;
+        if (!_drivers.TryGetValue(driverName, out var driver))
+        {
+            throw new BlockException($"Unknown driver '{driverName}'");
+        }
+        var explicitName = options.NodeName;
+        string name;
+        lock (_lock)
+        {
+            if (explicitName is not null)
+            {
+                ValidateNodeName(explicitName);
+                if (_byName.ContainsKey(explicitName))
+                {
+                    throw new BlockException($"Duplicate nodes with node-name='{explicitName}'");
+                }
+                name = explicitName;
+            }
+            else
+            {
+                do
+                {
+                    name = $"#block{_implicitNameCounter++:D3}";
+                }
+                while (_byName.ContainsKey(name));
+            }
+        }
+
+        var cache = options.GetDict("cache");
+        var context = new NodeContext
+        {
+            NodeName = name,
+            IsImplicitName = explicitName is null,
+            ReadOnly = options.GetBool("read-only") ?? inherited?.ReadOnly ?? false,
+            CacheDirect = cache?.GetBool("direct") ?? inherited?.CacheDirect ?? false,
+            CacheNoFlush = cache?.GetBool("no-flush") ?? inherited?.CacheNoFlush ?? false,
+            Discard = ParseDiscard(options.GetString("discard")) ?? inherited?.Discard ?? DiscardMode.Ignore,
+            DetectZeroes = ParseDetectZeroes(options.GetString("detect-zeroes")),
+            Graph = this,
+            Options = options,
+        };
+
+        var before = SnapshotNames();
+        BlockNode node;
+        try
+        {
+            node = await driver.OpenAsync(context, cancellationToken).ConfigureAwait(false);
+        }
+        catch
+        {
+            await ReleaseOrphansSinceAsync(before).ConfigureAwait(false);
+            throw;
+        }
+
+        lock (_lock)
+        {
+            if (_byName.ContainsKey(name))
+            {
+                // Lost a race with a concurrent open of the same name; undo ours.
+                node.CloseAsync().AsTask().GetAwaiter().GetResult();
+                throw new BlockException($"Duplicate nodes with node-name='{name}'");
+            }
+            _nodes.Add(node);
+            _byName.Add(name, node);
+            _parents.Add(node, []);
+            Link(node);
+        }
+        return node;
+    }
+
+    /// <summary>
+    /// blockdev-del: removes a node the user added. Fails while another node holds it as a child or
+    /// something outside the graph (a job, an export) uses it. Inline children go with it.
+    /// </summary>
+    public async ValueTask RemoveAsync(string nodeName)
+    {
+        BlockNode node;
+        lock (_lock)
+        {
+            node = _byName.GetValueOrDefault(nodeName)
+                ?? throw new BlockException($"Failed to find node with node-name='{nodeName}'");
+            if (!_userAdded.Contains(node))
+            {
+                throw new BlockException($"Node {nodeName} is not owned by the monitor");
+            }
+            CheckRemovable(node);
+            _userAdded.Remove(node);
+        }
+        await DetachAsync(node).ConfigureAwait(false);
+    }
+
+    private void CheckRemovable(BlockNode node)
+    {
+        if (_parents[node].Count > 0)
+        {
+            throw new BlockException($"Node '{node.NodeName}' is busy: node is used as " +
+                $"{ChildRoleOf(node)} of '{_parents[node][0].NodeName}'");
+        }
+        if (node.BusyReason is { } reason)
+        {
+            throw new BlockException($"Node '{node.NodeName}' is busy: {reason}");
+        }
+    }
+
+    private string ChildRoleOf(BlockNode child) =>
+        _parents[child][0].Children.First(c => ReferenceEquals(c.Node, child)).Role switch
+        {
+            "file" => "protocol",
+            var role => role,
+        };
+
+    /// <summary>Closes a node that nothing holds any more, then its children that are left unowned.</summary>
+    private async ValueTask DetachAsync(BlockNode node)
+    {
+        lock (_lock)
+        {
+            _nodes.Remove(node);
+            _byName.Remove(node.NodeName);
+            _parents.Remove(node);
+        }
+        await node.CloseAsync().ConfigureAwait(false);
+        foreach (var child in node.Children)
+        {
+            bool orphan;
+            lock (_lock)
+            {
+                if (!_parents.TryGetValue(child.Node, out var parents))
+                {
+                    continue;
+                }
+                parents.Remove(node);
+                orphan = parents.Count == 0 && !_userAdded.Contains(child.Node) && child.Node.BusyReason is null;
+            }
+            if (orphan)
+            {
+                await DetachAsync(child.Node).ConfigureAwait(false);
+            }
+        }
+    }
+
+    private HashSet<string> SnapshotNames()
+    {
+        lock (_lock)
+        {
+            return [.. _byName.Keys];
+        }
+    }
+
+    /// <summary>After a failed open, closes the inline children that were opened for it.</summary>
+    private async ValueTask ReleaseOrphansSinceAsync(HashSet<string> before)
+    {
+        List<BlockNode> orphans;
+        lock (_lock)
+        {
+            orphans = _nodes.Where(n => !before.Contains(n.NodeName) && _parents[n].Count == 0 && !_userAdded.Contains(n)).ToList();
+        }
+        foreach (var n in orphans)
+        {
+            await DetachAsync(n).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>Closes every node, parents before children (daemon shutdown).</summary>
+    public async ValueTask CloseAllAsync()
+    {
+        while (true)
+        {
+            BlockNode? root;
+            lock (_lock)
+            {
+                root = _nodes.LastOrDefault(n => _parents[n].Count == 0);
+                if (root is null)
+                {
+                    return;
+                }
+                _userAdded.Remove(root);
+            }
+            await DetachAsync(root).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>QEMU's id_wellformed plus the node-name length limit.</summary>
+    public static void ValidateNodeName(string name)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        var ok = name.Length > 0 && char.IsAsciiLetter(name[0]) &&
+                 name.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_');
+        if (!ok)
+        {
+            throw new BlockException("Invalid node-name: '" + name + "'");
+        }
+        if (name.Length > MaxNodeNameLength)
+        {
+            throw new BlockException("Node name too long");
+        }
+    }
+
+    private static DiscardMode? ParseDiscard(string? value) => value switch
+    {
+        null => null,
+        "ignore" or "off" => DiscardMode.Ignore,
+        "unmap" or "on" => DiscardMode.Unmap,
+        _ => throw new BlockException($"Invalid discard option '{value}'"),
+    };
+
+    private static DetectZeroesMode ParseDetectZeroes(string? value) => value switch
+    {
+        null or "off" => DetectZeroesMode.Off,
+        "on" => DetectZeroesMode.On,
+        "unmap" => DetectZeroesMode.Unmap,
+        _ => throw new BlockException($"Parameter 'detect-zeroes' does not accept value '{value}'"),
+    };
+}

@@ -1,0 +1,369 @@
+using System.Runtime.CompilerServices;
+
+namespace Backup.Block;
+
+/// <summary>
+/// One node of the block graph: a protocol driver (file), a format driver (raw, qcow2) or a filter.
+/// Every read, write, zero and discard of every node passes through the public methods here, which
+/// check the request, run the node's write observers (dirty bitmaps, copy-before-write) and then call
+/// the driver's Core method. Drivers never skip this path: they reach their children through the
+/// children's public methods too, so observers attached at any depth see the writes.
+/// </summary>
+public abstract class BlockNode : IAsyncDisposable
+{
+    private IWriteObserver[] _observers = [];
+    private readonly Lock _usersLock = new();
+    private readonly List<string> _users = [];
+    private long _inFlight;
+
+    protected BlockNode(NodeContext context)
+    {
+        ArgumentNullException.ThrowIfNull(context);
+        NodeName = context.NodeName;
+        IsImplicitName = context.IsImplicitName;
+        ReadOnly = context.ReadOnly;
+        CacheDirect = context.CacheDirect;
+        CacheNoFlush = context.CacheNoFlush;
+        Discard = context.Discard;
+        DetectZeroes = context.DetectZeroes;
+    }
+
+    public string NodeName { get; }
+
+    /// <summary>True for nodes named by the daemon (<c>#blockNNN</c>) because the user gave no node-name.</summary>
+    public bool IsImplicitName { get; }
+
+    /// <summary>The driver name as QMP reports it in <c>drv</c>.</summary>
+    public abstract string DriverName { get; }
+
+    public bool ReadOnly { get; }
+
+    public bool CacheDirect { get; }
+
+    public bool CacheNoFlush { get; }
+
+    public DiscardMode Discard { get; }
+
+    public DetectZeroesMode DetectZeroes { get; }
+
+    /// <summary>The virtual size in bytes: what a reader of this node sees.</summary>
+    public abstract long Length { get; }
+
+    /// <summary>Children this node holds, by role (file, backing, ...).</summary>
+    public virtual IReadOnlyList<BlockChild> Children => [];
+
+    /// <summary>The file name reported by query-named-block-nodes (<c>file</c>, <c>image.filename</c>).</summary>
+    public abstract string Filename { get; }
+
+    /// <summary>Requests currently inside the driver; used to wait for quiescence.</summary>
+    public long InFlightRequests => Interlocked.Read(ref _inFlight);
+
+    // ------------------------------------------------------------------ the I/O path
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    public async ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken = default)
+    {
+        CheckRange(offset, buffer.Length);
+        if (buffer.IsEmpty)
+        {
+            return;
+        }
+        Interlocked.Increment(ref _inFlight);
+        try
+        {
+            await ReadCoreAsync(offset, buffer, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _inFlight);
+        }
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    public async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags = WriteFlags.None,
+        CancellationToken cancellationToken = default)
+    {
+        CheckWritable();
+        CheckRange(offset, data.Length);
+        if (data.IsEmpty)
+        {
+            return;
+        }
+        if (DetectZeroes != DetectZeroesMode.Off && data.Span.IndexOfAnyExcept((byte)0) < 0)
+        {
+            var zflags = flags | (DetectZeroes == DetectZeroesMode.Unmap ? WriteFlags.MayUnmap : WriteFlags.None);
+            await WriteZeroesAsync(offset, data.Length, zflags, cancellationToken).ConfigureAwait(false);
+            return;
+        }
+        var observers = Volatile.Read(ref _observers);
+        Interlocked.Increment(ref _inFlight);
+        try
+        {
+            foreach (var o in observers)
+            {
+                await o.BeforeWriteAsync(this, offset, data.Length, WriteKind.Write, cancellationToken).ConfigureAwait(false);
+            }
+            await WriteCoreAsync(offset, data, flags, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _inFlight);
+        }
+        foreach (var o in observers)
+        {
+            o.AfterWrite(this, offset, data.Length, WriteKind.Write);
+        }
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    public async ValueTask WriteZeroesAsync(long offset, long length, WriteFlags flags = WriteFlags.None,
+        CancellationToken cancellationToken = default)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        if (length == 0)
+        {
+            return;
+        }
+        if (Discard == DiscardMode.Ignore)
+        {
+            // QEMU only lets write-zeroes unmap on nodes opened with discard=unmap.
+            flags &= ~WriteFlags.MayUnmap;
+        }
+        var observers = Volatile.Read(ref _observers);
+        Interlocked.Increment(ref _inFlight);
+        try
+        {
+            foreach (var o in observers)
+            {
+                await o.BeforeWriteAsync(this, offset, length, WriteKind.WriteZeroes, cancellationToken).ConfigureAwait(false);
+            }
+            await WriteZeroesCoreAsync(offset, length, flags, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _inFlight);
+        }
+        foreach (var o in observers)
+        {
+            o.AfterWrite(this, offset, length, WriteKind.WriteZeroes);
+        }
+    }
+
+    /// <summary>
+    /// Discards a range (a hint: the data becomes unspecified). Ignored on nodes opened with
+    /// <c>discard=ignore</c>, the default, as in QEMU; then it changes nothing and dirties nothing.
+    /// </summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    public async ValueTask DiscardAsync(long offset, long length, CancellationToken cancellationToken = default)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        if (length == 0 || Discard == DiscardMode.Ignore)
+        {
+            return;
+        }
+        var observers = Volatile.Read(ref _observers);
+        Interlocked.Increment(ref _inFlight);
+        try
+        {
+            foreach (var o in observers)
+            {
+                await o.BeforeWriteAsync(this, offset, length, WriteKind.Discard, cancellationToken).ConfigureAwait(false);
+            }
+            await DiscardCoreAsync(offset, length, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _inFlight);
+        }
+        foreach (var o in observers)
+        {
+            o.AfterWrite(this, offset, length, WriteKind.Discard);
+        }
+    }
+
+    public ValueTask FlushAsync(CancellationToken cancellationToken = default) =>
+        ReadOnly || CacheNoFlush ? FlushChildrenAsync(cancellationToken) : FlushCoreAsync(cancellationToken);
+
+    /// <summary>The status of the extent starting at <paramref name="offset"/>, at most <paramref name="maxLength"/> bytes long.</summary>
+    public ValueTask<BlockStatus> GetBlockStatusAsync(long offset, long maxLength, CancellationToken cancellationToken = default)
+    {
+        CheckRange(offset, 0);
+        maxLength = Math.Min(maxLength, Length - offset);
+        if (maxLength <= 0)
+        {
+            return ValueTask.FromResult(new BlockStatus(0, BlockStatusFlags.None));
+        }
+        return GetBlockStatusCoreAsync(offset, maxLength, cancellationToken);
+    }
+
+    // ------------------------------------------------------------------ driver hooks
+
+    protected abstract ValueTask ReadCoreAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken);
+
+    protected abstract ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken);
+
+    protected abstract ValueTask WriteZeroesCoreAsync(long offset, long length, WriteFlags flags, CancellationToken cancellationToken);
+
+    protected abstract ValueTask DiscardCoreAsync(long offset, long length, CancellationToken cancellationToken);
+
+    protected abstract ValueTask FlushCoreAsync(CancellationToken cancellationToken);
+
+    protected abstract ValueTask<BlockStatus> GetBlockStatusCoreAsync(long offset, long length, CancellationToken cancellationToken);
+
+    /// <summary>Flushes what the node caches, then its children; used when the node itself may not flush.</summary>
+    protected async ValueTask FlushChildrenAsync(CancellationToken cancellationToken)
+    {
+        foreach (var child in Children)
+        {
+            await child.Node.FlushAsync(cancellationToken).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>Image information as query-named-block-nodes reports it under <c>image</c>.</summary>
+    public abstract ImageInfo GetImageInfo();
+
+    /// <summary>
+    /// Writes back what the driver caches and releases its resources. The graph closes parents before
+    /// children, so a driver may still use its children here but must not close them.
+    /// </summary>
+    public abstract ValueTask CloseAsync();
+
+    /// <summary>The graph owns nodes and closes them; disposing is closing.</summary>
+    public async ValueTask DisposeAsync()
+    {
+        await CloseAsync().ConfigureAwait(false);
+        GC.SuppressFinalize(this);
+    }
+
+    // ------------------------------------------------------------------ observers and users
+
+    /// <summary>Write observers, in the order they were added.</summary>
+    public IReadOnlyList<IWriteObserver> WriteObservers => Volatile.Read(ref _observers);
+
+    public void AddWriteObserver(IWriteObserver observer)
+    {
+        ArgumentNullException.ThrowIfNull(observer);
+        lock (_usersLock)
+        {
+            _observers = [.. _observers, observer];
+        }
+    }
+
+    public void RemoveWriteObserver(IWriteObserver observer)
+    {
+        lock (_usersLock)
+        {
+            _observers = _observers.Where(o => !ReferenceEquals(o, observer)).ToArray();
+        }
+    }
+
+    /// <summary>
+    /// Marks the node as used by something outside the graph (a job, an export) so that it cannot be
+    /// deleted. <paramref name="reason"/> completes QEMU's message, e.g. "block device is in use by block job: backup".
+    /// </summary>
+    public IDisposable AddUser(string reason)
+    {
+        lock (_usersLock)
+        {
+            _users.Add(reason);
+        }
+        return new UserToken(this, reason);
+    }
+
+    /// <summary>Why the node cannot be removed now, or null when nothing outside the graph uses it.</summary>
+    public string? BusyReason
+    {
+        get
+        {
+            lock (_usersLock)
+            {
+                return _users.Count > 0 ? _users[0] : null;
+            }
+        }
+    }
+
+    private void RemoveUser(string reason)
+    {
+        lock (_usersLock)
+        {
+            _users.Remove(reason);
+        }
+    }
+
+    // ------------------------------------------------------------------ checks
+
+    private void CheckWritable()
+    {
+        if (ReadOnly)
+        {
+            throw new BlockReadOnlyException(NodeName);
+        }
+    }
+
+    /// <summary>
+    /// Protocol nodes (files) grow when written past their end, as QEMU's file driver does; format
+    /// drivers rely on that to allocate clusters. Reads past the end of such a node return zeros.
+    /// </summary>
+    protected virtual bool IsGrowable => false;
+
+    /// <summary>Changes the size of the node (image creation, qcow2 growing its file).</summary>
+    public ValueTask TruncateAsync(long length, CancellationToken cancellationToken = default)
+    {
+        CheckWritable();
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        return TruncateCoreAsync(length, cancellationToken);
+    }
+
+    protected virtual ValueTask TruncateCoreAsync(long length, CancellationToken cancellationToken) =>
+        throw new BlockException($"Cannot resize node '{NodeName}': driver '{DriverName}' does not support it");
+
+    private void CheckRange(long offset, long length)
+    {
+        if (IsGrowable ? offset < 0 || length < 0 || offset > long.MaxValue - length
+            : offset < 0 || length < 0 || offset > Length || length > Length - offset)
+        {
+            throw new BlockRangeException(NodeName, offset, length, Length);
+        }
+    }
+
+    public override string ToString() => $"{DriverName} node '{NodeName}'";
+
+    private sealed class UserToken(BlockNode node, string reason) : IDisposable
+    {
+        private int _disposed;
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _disposed, 1) == 0)
+            {
+                node.RemoveUser(reason);
+            }
+        }
+    }
+}
+
+/// <summary>A child edge of the graph: the role it plays for its parent (file, backing) and the node.</summary>
+public sealed record BlockChild(string Role, BlockNode Node);
+
+public enum DiscardMode
+{
+    Ignore,
+    Unmap,
+}
+
+public enum DetectZeroesMode
+{
+    Off,
+    On,
+    Unmap,
+}
+
+/// <summary>A write on a read-only node (EPERM on the wire).</summary>
+public sealed class BlockReadOnlyException(string nodeName)
+    : IOException($"Node '{nodeName}' is read-only");
+
+/// <summary>A request outside the node (EINVAL on the wire); callers validate first, so this is a bug guard.</summary>
+public sealed class BlockRangeException(string nodeName, long offset, long length, long size)
+    : IOException($"Request offset {offset} length {length} is outside node '{nodeName}' of size {size}");

@@ -1,0 +1,14 @@
+using Backup.Block.Drivers.File;
+using Backup.Block.Drivers.Raw;
+
+namespace Backup.Block;
+
+/// <summary>The drivers this assembly provides; a new driver is added here and in the schema.</summary>
+public static class BuiltinDrivers
+{
+    public static IReadOnlyList<IBlockDriver> All { get; } =
+    [
+        new FileDriver(),
+        new RawDriver(),
+    ];
+}

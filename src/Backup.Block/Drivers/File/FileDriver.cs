@@ -1,0 +1,42 @@
+using Backup.Block.Posix;
+using Microsoft.Win32.SafeHandles;
+
+namespace Backup.Block.Drivers.File;
+
+/// <summary>The <c>file</c> protocol driver: a regular file (or block device) on the host.</summary>
+public sealed class FileDriver : IBlockDriver
+{
+    public string Name => "file";
+
+    public ValueTask<BlockNode> OpenAsync(NodeContext context, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(context);
+        var filename = context.Options.GetString("filename")
+            ?? throw new BlockException("Parameter 'filename' is missing");
+        SafeFileHandle handle;
+        try
+        {
+            handle = Open(filename, context.ReadOnly, context.CacheDirect);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new BlockException($"Could not open '{filename}': {LibC.Describe(LibC.ErrnoOf(e))}", e);
+        }
+        if (Directory.Exists(filename))
+        {
+            handle.Dispose();
+            throw new BlockException($"'{filename}' is not a regular file or block device");
+        }
+        return ValueTask.FromResult<BlockNode>(new FileNode(context, filename, handle));
+    }
+
+    private static SafeFileHandle Open(string path, bool readOnly, bool direct)
+    {
+        if (direct)
+        {
+            return LibC.OpenHandle(path, (readOnly ? LibC.O_RDONLY : LibC.O_RDWR) | LibC.O_DIRECT);
+        }
+        return System.IO.File.OpenHandle(path, FileMode.Open, readOnly ? FileAccess.Read : FileAccess.ReadWrite,
+            FileShare.ReadWrite | FileShare.Delete, FileOptions.Asynchronous);
+    }
+}

@@ -1,0 +1,56 @@
+namespace Backup.Block.Drivers.Raw;
+
+/// <summary>A raw image: requests go to the file child shifted by <c>offset</c>.</summary>
+public sealed class RawNode : BlockNode
+{
+    private readonly BlockNode _file;
+    private readonly long _offset;
+    private readonly long? _size;
+
+    internal RawNode(NodeContext context, BlockNode file, long offset, long? size) : base(context)
+    {
+        _file = file;
+        _offset = offset;
+        _size = size;
+        Children = [new BlockChild("file", file)];
+    }
+
+    public override string DriverName => "raw";
+
+    public override string Filename => _file.Filename;
+
+    /// <summary>Without an explicit size, a raw node follows its file (which may be resized underneath).</summary>
+    public override long Length => _size ?? Math.Max(0, _file.Length - _offset);
+
+    public override IReadOnlyList<BlockChild> Children { get; }
+
+    protected override ValueTask ReadCoreAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken) =>
+        _file.ReadAsync(_offset + offset, buffer, cancellationToken);
+
+    protected override ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken) =>
+        _file.WriteAsync(_offset + offset, data, flags, cancellationToken);
+
+    protected override ValueTask WriteZeroesCoreAsync(long offset, long length, WriteFlags flags, CancellationToken cancellationToken) =>
+        _file.WriteZeroesAsync(_offset + offset, length, flags, cancellationToken);
+
+    protected override ValueTask DiscardCoreAsync(long offset, long length, CancellationToken cancellationToken) =>
+        _file.DiscardAsync(_offset + offset, length, cancellationToken);
+
+    protected override ValueTask FlushCoreAsync(CancellationToken cancellationToken) => _file.FlushAsync(cancellationToken);
+
+    protected override async ValueTask<BlockStatus> GetBlockStatusCoreAsync(long offset, long length, CancellationToken cancellationToken)
+    {
+        var s = await _file.GetBlockStatusAsync(_offset + offset, length, cancellationToken).ConfigureAwait(false);
+        return s with { Length = Math.Max(Math.Min(s.Length, length), 0) };
+    }
+
+    public override ImageInfo GetImageInfo() => new()
+    {
+        Filename = Filename,
+        Format = "raw",
+        VirtualSize = Length,
+        ActualSize = _file.GetImageInfo().ActualSize,
+    };
+
+    public override ValueTask CloseAsync() => ValueTask.CompletedTask;
+}

@@ -1,0 +1,139 @@
+using System.Runtime.InteropServices;
+using Microsoft.Win32.SafeHandles;
+
+namespace Backup.Block.Posix;
+
+/// <summary>
+/// The few Linux calls .NET does not expose: O_DIRECT opens, hole punching and zero ranges, SEEK_DATA /
+/// SEEK_HOLE for allocation status, fdatasync, and st_blocks for the allocated size.
+/// </summary>
+internal static partial class LibC
+{
+    public const int O_RDONLY = 0;
+    public const int O_RDWR = 2;
+    public const int O_CREAT = 0x40;
+    public const int O_CLOEXEC = 0x80000;
+    public const int O_DIRECT = 0x4000;
+
+    public const int FALLOC_FL_KEEP_SIZE = 0x01;
+    public const int FALLOC_FL_PUNCH_HOLE = 0x02;
+    public const int FALLOC_FL_ZERO_RANGE = 0x10;
+
+    public const int SEEK_DATA = 3;
+    public const int SEEK_HOLE = 4;
+
+    public const int ENOENT = 2;
+    public const int EIO = 5;
+    public const int EACCES = 13;
+    public const int EEXIST = 17;
+    public const int EISDIR = 21;
+    public const int EINVAL = 22;
+    public const int ENOSPC = 28;
+    public const int EROFS = 30;
+    public const int ENXIO = 6;
+    public const int EOPNOTSUPP = 95;
+
+#pragma warning disable SYSLIB1054, CA5392 // plain blittable signatures; libc is resolved by the runtime
+    [DllImport("libc", EntryPoint = "open", SetLastError = true)]
+    private static extern int Open([MarshalAs(UnmanagedType.LPUTF8Str)] string path, int flags, int mode);
+
+    [DllImport("libc", EntryPoint = "fallocate", SetLastError = true)]
+    private static extern int Fallocate(nint fd, int mode, long offset, long length);
+
+    [DllImport("libc", EntryPoint = "lseek", SetLastError = true)]
+    private static extern long Lseek(nint fd, long offset, int whence);
+
+    [DllImport("libc", EntryPoint = "fdatasync", SetLastError = true)]
+    private static extern int Fdatasync(nint fd);
+
+    [DllImport("libc", EntryPoint = "fstat", SetLastError = true)]
+    private static extern int Fstat(nint fd, byte[] buffer);
+
+    [DllImport("libc", EntryPoint = "strerror")]
+    private static extern nint StrError(int errnum);
+#pragma warning restore SYSLIB1054, CA5392
+
+    /// <summary>Opens with raw open(2) flags (for O_DIRECT); throws <see cref="IOException"/> with errno in HResult.</summary>
+    public static SafeFileHandle OpenHandle(string path, int flags)
+    {
+        var fd = Open(path, flags | O_CLOEXEC, 0);
+        if (fd < 0)
+        {
+            throw ErrnoException(Marshal.GetLastPInvokeError());
+        }
+        return new SafeFileHandle(fd, ownsHandle: true);
+    }
+
+    /// <summary>fallocate(2); returns 0 or the errno.</summary>
+    public static int Fallocate(SafeFileHandle handle, int mode, long offset, long length) =>
+        WithFd(handle, fd => Fallocate(fd, mode, offset, length) == 0 ? 0 : Marshal.GetLastPInvokeError());
+
+    /// <summary>lseek(2) with SEEK_DATA/SEEK_HOLE; returns the offset, or -errno (ENXIO: no more data).</summary>
+    public static long Seek(SafeFileHandle handle, long offset, int whence) =>
+        WithFd(handle, fd =>
+        {
+            var r = Lseek(fd, offset, whence);
+            return r >= 0 ? r : -Marshal.GetLastPInvokeError();
+        });
+
+    public static void DataSync(SafeFileHandle handle)
+    {
+        var err = WithFd(handle, fd => Fdatasync(fd) == 0 ? 0 : Marshal.GetLastPInvokeError());
+        if (err != 0)
+        {
+            throw ErrnoException(err);
+        }
+    }
+
+    /// <summary>Bytes the file occupies on disk (st_blocks × 512).</summary>
+    public static long AllocatedBytes(SafeFileHandle handle)
+    {
+        // struct stat keeps st_blocks at offset 64 on both x86_64 and aarch64 Linux.
+        var buffer = new byte[256];
+        var err = WithFd(handle, fd => Fstat(fd, buffer) == 0 ? 0 : Marshal.GetLastPInvokeError());
+        return err == 0 ? BitConverter.ToInt64(buffer, 64) * 512 : 0;
+    }
+
+    public static string Describe(int errno) => errno switch
+    {
+        // glibc's texts, fixed here so that messages do not depend on the locale.
+        ENOENT => "No such file or directory",
+        EACCES => "Permission denied",
+        EISDIR => "Is a directory",
+        EINVAL => "Invalid argument",
+        ENOSPC => "No space left on device",
+        EROFS => "Read-only file system",
+        EIO => "Input/output error",
+        EEXIST => "File exists",
+        EOPNOTSUPP => "Operation not supported",
+        _ => Marshal.PtrToStringUTF8(StrError(errno)) ?? $"errno {errno}",
+    };
+
+    public static IOException ErrnoException(int errno) => new(Describe(errno), errno);
+
+    /// <summary>The errno behind an I/O exception raised by .NET or by this class, if it can be found.</summary>
+    public static int ErrnoOf(Exception e) => e switch
+    {
+        FileNotFoundException or DirectoryNotFoundException => ENOENT,
+        UnauthorizedAccessException => EACCES,
+        IOException io when io.HResult is > 0 and < 4096 => io.HResult,
+        _ => EIO,
+    };
+
+    private static T WithFd<T>(SafeFileHandle handle, Func<nint, T> call)
+    {
+        var added = false;
+        try
+        {
+            handle.DangerousAddRef(ref added);
+            return call(handle.DangerousGetHandle());
+        }
+        finally
+        {
+            if (added)
+            {
+                handle.DangerousRelease();
+            }
+        }
+    }
+}

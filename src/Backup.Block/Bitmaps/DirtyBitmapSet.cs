@@ -191,9 +191,9 @@ public sealed class DirtyBitmapSet
         return bitmap;
     }
 
-    private DirtyBitmap CreateLocked(string? name, long granularity, bool enabled)
+    private DirtyBitmap CreateLocked(string? name, long granularity, bool enabled, long? size = null)
     {
-        var bitmap = new DirtyBitmap(this, name, granularity, Node.Length, enabled, _nextSequence++);
+        var bitmap = new DirtyBitmap(this, name, granularity, size ?? Node.Length, enabled, _nextSequence++);
         _bitmaps.Add(bitmap);
         RefreshRecordingLocked();
         return bitmap;
@@ -308,7 +308,8 @@ public sealed class DirtyBitmapSet
             {
                 throw new BlockException("Cannot create a successor for a bitmap that already has one");
             }
-            var successor = CreateLocked(null, bitmap.Granularity, bitmap.Enabled);
+            // Same size as the bitmap (not the node's current length) so abdicate and reclaim line up.
+            var successor = CreateLocked(null, bitmap.Granularity, bitmap.Enabled, bitmap.Size);
             bitmap.SetEnabledLocked(false);
             bitmap.SetSuccessorLocked(successor);
             bitmap.SetBusyLocked(true);

@@ -438,4 +438,50 @@ public sealed class DirtyBitmapSetTests
         set.MarkDirty(2 * MiB, 100);
         b.Count.Should().Be(65536);
     }
+
+    [Fact]
+    public async Task No_write_is_lost_while_jobs_freeze_and_reclaim_concurrently()
+    {
+        var (_, set) = NewNode(256 * MiB);
+        var b = set.Add("b0", 4096);
+        var chunks = 256 * MiB / 4096;
+        using var done = new CancellationTokenSource();
+        var jobs = Task.Run(() =>
+        {
+            var rounds = 0;
+            while (!done.IsCancellationRequested || rounds < 10)
+            {
+                set.Freeze(b);
+                Thread.Yield();
+                set.Reclaim(b);
+                using (var backup = b.ClearWithBackup())
+                {
+                    backup.Restore();
+                }
+                rounds++;
+            }
+        });
+        Parallel.For(0, 4, t =>
+        {
+            for (long c = t; c < chunks; c += 4)
+            {
+                set.MarkDirty(c * 4096, 4096);
+            }
+        });
+        done.Cancel();
+        await jobs;
+        b.Count.Should().Be(256 * MiB);
+        b.IsFrozen.Should().BeFalse();
+    }
+
+    [Fact]
+    public void Successor_has_the_size_of_the_bitmap()
+    {
+        var (_, set) = NewNode();
+        var b = set.Add("b0");
+        set.Truncate(32 * MiB);
+        set.Freeze(b).Size.Should().Be(32 * MiB);
+        set.Reclaim(b);
+        b.Size.Should().Be(32 * MiB);
+    }
 }

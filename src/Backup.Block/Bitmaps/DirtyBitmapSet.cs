@@ -240,6 +240,38 @@ public sealed class DirtyBitmapSet
         RefreshRecordingLocked();
     }
 
+    // ------------------------------------------------------------------ command-shaped helpers
+
+    /// <summary>block-dirty-bitmap-clear: rejects busy, readonly and inconsistent bitmaps, then clears.</summary>
+    public DirtyBitmap Clear(string name)
+    {
+        var bitmap = Get(name);
+        bitmap.Check(BitmapCheck.Default);
+        bitmap.Clear();
+        return bitmap;
+    }
+
+    /// <summary>block-dirty-bitmap-enable: rejects busy and inconsistent bitmaps (readonly is fine), then enables.</summary>
+    public DirtyBitmap Enable(string name)
+    {
+        var bitmap = Get(name);
+        bitmap.Check(BitmapCheck.AllowReadOnly);
+        bitmap.Enable();
+        return bitmap;
+    }
+
+    /// <summary>block-dirty-bitmap-disable: rejects busy and inconsistent bitmaps (readonly is fine), then disables.</summary>
+    public DirtyBitmap Disable(string name)
+    {
+        var bitmap = Get(name);
+        bitmap.Check(BitmapCheck.AllowReadOnly);
+        bitmap.Disable();
+        return bitmap;
+    }
+
+    /// <summary>x-debug-block-dirty-bitmap-sha256 (QEMU checks nothing but the name).</summary>
+    public string Sha256(string name) => Get(name).Sha256();
+
     // ------------------------------------------------------------------ merge
 
     /// <summary>

@@ -484,4 +484,23 @@ public sealed class DirtyBitmapSetTests
         set.Reclaim(b);
         b.Size.Should().Be(32 * MiB);
     }
+
+    [Fact]
+    public void Command_helpers_check_like_qsd()
+    {
+        var (_, set) = NewNode();
+        var b = set.Add("b0");
+        b.SetDirty(0, 1);
+        set.Sha256("b0").Should().Be(b.Sha256());
+        set.Disable("b0").Recording.Should().BeFalse();
+        set.Enable("b0").Recording.Should().BeTrue();
+        b.SetReadOnly(true);
+        set.Invoking(s => s.Clear("b0")).Should().Throw<BlockException>().WithMessage("Bitmap 'b0' is readonly and cannot be modified");
+        set.Disable("b0").Enabled.Should().BeFalse("enable/disable allow readonly bitmaps");
+        b.SetReadOnly(false);
+        set.Clear("b0").Count.Should().Be(0);
+        b.SetBusy(true);
+        set.Invoking(s => s.Enable("b0")).Should().Throw<BlockException>().WithMessage("Bitmap 'b0' is currently in use*");
+        set.Invoking(s => s.Clear("nope")).Should().Throw<BlockException>().WithMessage("Dirty bitmap 'nope' not found");
+    }
 }

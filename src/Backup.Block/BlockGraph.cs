@@ -219,11 +219,12 @@ public sealed class BlockGraph
         BlockNode? node;
         lock (_lock)
         {
-            node = _byName.GetValueOrDefault(nodeName);
-            if (node is null || !_userAdded.Contains(node))
+            node = _byName.GetValueOrDefault(nodeName)
+                ?? throw new BlockException($"Failed to find node with node-name='{nodeName}'");
+            if (!_userAdded.Contains(node))
             {
-                // Nodes opened inline belong to their parent; to the user they do not exist on their own.
-                throw new BlockException($"Failed to find node with node-name='{nodeName}'");
+                // Nodes opened inline belong to their parent and go with it.
+                throw new BlockException($"Node {nodeName} is not owned by the monitor");
             }
             CheckRemovable(node);
             _userAdded.Remove(node);

@@ -79,7 +79,8 @@ internal static class Program
         services.AddSingleton<ObjectRegistry>();
         services.AddSingleton<IShutdownRequester, HostShutdownRequester>();
         services.AddSingleton<ICommandModule, ControlCommands>();
-        services.AddSingleton<ICommandModule>(sp => new BlockCoreCommands(sp.GetRequiredService<BlockGraph>(), sp.GetServices<INodeInfoContributor>()));
+        services.AddSingleton<ICommandModule, BlockCoreCommands>();
+        services.AddSingleton<ICommandModule, BitmapCommands>();
         services.AddSingleton<ICommandModule, ObjectCommands>();
         services.AddSingleton<QmpDispatcher>();
         services.AddSingleton(sp => new QmpServer(sp.GetRequiredService<QmpDispatcher>(), sp.GetRequiredService<VersionInfo>(),

@@ -14,7 +14,8 @@ public class SchemaTests
     internal static QmpDispatcher Dispatcher() => new(SchemaLoader.Default,
     [
         new ControlCommands(SchemaLoader.Default, VersionInfo.Current, new NoShutdown()),
-        new BlockCoreCommands(BlockGraph.CreateDefault(), []),
+        new BlockCoreCommands(BlockGraph.CreateDefault()),
+        new BitmapCommands(BlockGraph.CreateDefault()),
         new ObjectCommands(new ObjectRegistry()),
     ]);
 

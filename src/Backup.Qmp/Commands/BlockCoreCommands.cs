@@ -4,7 +4,7 @@ using Backup.Block;
 namespace Backup.Qmp.Commands;
 
 /// <summary>blockdev-add, blockdev-del, query-named-block-nodes, query-block.</summary>
-public sealed class BlockCoreCommands(BlockGraph graph, IEnumerable<INodeInfoContributor> contributors) : ICommandModule
+public sealed class BlockCoreCommands(BlockGraph graph) : ICommandModule
 {
     public void Register(CommandTable table)
     {
@@ -23,7 +23,7 @@ public sealed class BlockCoreCommands(BlockGraph graph, IEnumerable<INodeInfoCon
         {
             var flat = args["flat"]?.GetValue<bool>() ?? false;
             return ValueTask.FromResult<JsonNode?>(new JsonArray(
-                graph.Nodes.Select(n => (JsonNode)NodeInfo.Describe(n, flat, contributors)).ToArray()));
+                graph.Nodes.Select(n => (JsonNode)NodeInfo.Describe(n, flat)).ToArray()));
         });
         table.Add("query-block", (_, _, _) => ValueTask.FromResult<JsonNode?>(new JsonArray(
             graph.RootNodes.Select(n => (JsonNode)new JsonObject
@@ -31,7 +31,7 @@ public sealed class BlockCoreCommands(BlockGraph graph, IEnumerable<INodeInfoCon
                 ["device"] = n.NodeName,
                 ["locked"] = false,
                 ["removable"] = false,
-                ["inserted"] = NodeInfo.Describe(n, flat: false, contributors),
+                ["inserted"] = NodeInfo.Describe(n, flat: false),
                 ["type"] = "unknown",
             }).ToArray())));
     }

@@ -9,11 +9,9 @@ namespace Backup.Qmp.Commands;
 /// </summary>
 public static class NodeInfo
 {
-    /// <summary>Contributors of extra members (dirty-bitmaps) keyed by member name; registered by later modules.</summary>
-    public static JsonObject Describe(BlockNode node, bool flat, IEnumerable<INodeInfoContributor> contributors)
+    public static JsonObject Describe(BlockNode node, bool flat)
     {
         ArgumentNullException.ThrowIfNull(node);
-        ArgumentNullException.ThrowIfNull(contributors);
         var image = node.GetImageInfo();
         var o = new JsonObject
         {
@@ -29,6 +27,10 @@ public static class NodeInfo
             ["bps_wr"] = 0,
             ["write_threshold"] = 0,
         };
+        if (BitmapCommands.Describe(node) is { } bitmaps)
+        {
+            o["dirty-bitmaps"] = bitmaps;
+        }
         if (image.BackingFilename is { } backing)
         {
             o["backing_file"] = backing;
@@ -43,10 +45,6 @@ public static class NodeInfo
             ["writeback"] = true,
         };
         o["file"] = node.Filename;
-        foreach (var c in contributors)
-        {
-            c.Contribute(node, o);
-        }
         return o;
     }
 
@@ -102,10 +100,4 @@ public static class NodeInfo
         o["dirty-flag"] = i.DirtyFlag;
         return o;
     }
-}
-
-/// <summary>Adds members to a node's query-named-block-nodes entry (e.g. dirty-bitmaps).</summary>
-public interface INodeInfoContributor
-{
-    void Contribute(BlockNode node, JsonObject info);
 }

@@ -40,7 +40,8 @@ public static class InputValidator
         };
     }
 
-    private static string Name(string? path) => path ?? "null";
+    /// <summary>QEMU names a list element itself 'null' (its members get 'list[i].member').</summary>
+    private static string Name(string? path) => path is null || path.EndsWith(']') ? "null" : path;
 
     private static string Child(string? path, string member) => path is null ? member : path + "." + member;
 

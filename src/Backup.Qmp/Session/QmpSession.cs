@@ -221,7 +221,10 @@ public sealed class QmpSession : IDisposable
         }
         if (hasId)
         {
-            reply["id"] = id;
+            // QEMU puts the id last in a success reply and first in an error reply.
+            reply = reply.ContainsKey("return")
+                ? new JsonObject { ["return"] = reply["return"]!.DeepClone(), ["id"] = id }
+                : new JsonObject { ["id"] = id, ["error"] = reply["error"]!.DeepClone() };
         }
         await ReplyAsync(reply, ct).ConfigureAwait(false);
         if (reply.ContainsKey("return"))

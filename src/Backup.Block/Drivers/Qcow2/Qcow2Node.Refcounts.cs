@@ -478,3 +478,41 @@ public sealed partial class Qcow2Node
         return (table, offset);
     }
 }
+
+public sealed partial class Qcow2Node
+{
+    /// <summary>Maps every unallocated guest cluster to a fresh host cluster and grows the file over them.</summary>
+    internal async ValueTask PreallocateAsync(CancellationToken cancellationToken)
+    {
+        await _meta.WaitAsync(cancellationToken).ConfigureAwait(false);
+        try
+        {
+            var clusters = (_virtualSize + _clusterSize - 1) >> _clusterBits;
+            long end = 0;
+            for (var l1Index = 0; (long)l1Index * _l2Entries < clusters; l1Index++)
+            {
+                var (table, l2Offset) = await GetL2ForUpdateAsync(l1Index, cancellationToken).ConfigureAwait(false);
+                end = Math.Max(end, l2Offset + _clusterSize);
+                var count = (int)Math.Min(_l2Entries, clusters - (long)l1Index * _l2Entries);
+                for (var i = 0; i < count; i++)
+                {
+                    if (new Qcow2L2Entry(table[i]).IsUnallocated)
+                    {
+                        var host = await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
+                        table[i] = Qcow2L2Entry.Standard(host).Raw;
+                        end = Math.Max(end, host + _clusterSize);
+                    }
+                }
+                await WriteL2EntriesAsync(l2Offset, table, 0, count, cancellationToken).ConfigureAwait(false);
+            }
+            if (end > _file.Length)
+            {
+                await _file.TruncateAsync(end, cancellationToken).ConfigureAwait(false);
+            }
+        }
+        finally
+        {
+            _meta.Release();
+        }
+    }
+}

@@ -8,6 +8,12 @@ internal static class QemuTools
 {
     public static (int ExitCode, string Output) Run(string tool, params string[] args)
     {
+        var (code, stdout, stderr) = RunSplit(tool, args);
+        return (code, stdout + stderr);
+    }
+
+    public static (int ExitCode, string Stdout, string Stderr) RunSplit(string tool, params string[] args)
+    {
         var psi = new ProcessStartInfo(tool)
         {
             RedirectStandardOutput = true,
@@ -32,7 +38,7 @@ internal static class QemuTools
             var stdout = p.StandardOutput.ReadToEndAsync();
             var stderr = p.StandardError.ReadToEndAsync();
             p.WaitForExit();
-            return (p.ExitCode, stdout.Result + stderr.Result);
+            return (p.ExitCode, stdout.Result, stderr.Result);
         }
     }
 
@@ -69,10 +75,10 @@ internal static class QemuTools
     /// <summary>qemu-img check: returns the JSON report; fails on corruptions (leaks are fine).</summary>
     public static JsonElement CheckNoCorruption(string image)
     {
-        var (code, output) = Run("qemu-img", "check", "--output=json", "-f", "qcow2", image);
+        var (code, output, stderr) = RunSplit("qemu-img", "check", "--output=json", "-f", "qcow2", image);
         // Exit codes: 0 clean, 3 leaks only; 2 corruptions, 1 check failed.
-        code.Should().BeOneOf([0, 3], "qemu-img check must find no corruption:\n" + output);
-        var json = JsonDocument.Parse(output[output.IndexOf('{', StringComparison.Ordinal)..]).RootElement.Clone();
+        code.Should().BeOneOf([0, 3], "qemu-img check must find no corruption:\n" + output + stderr);
+        var json = JsonDocument.Parse(output).RootElement.Clone();
         if (json.TryGetProperty("corruptions", out var c))
         {
             c.GetInt32().Should().Be(0, output);
@@ -89,7 +95,8 @@ internal static class QemuTools
 
     public static JsonElement Info(string image)
     {
-        var output = Img("info", "--output=json", image);
+        var (code, output, stderr) = RunSplit("qemu-img", "info", "--output=json", image);
+        code.Should().Be(0, stderr);
         return JsonDocument.Parse(output).RootElement.Clone();
     }
 

@@ -79,6 +79,37 @@ public sealed class Qcow2CreateAndFeatureTests : IDisposable
         QemuTools.Io(img, $"read -P 0xe1 {options.Size / 2 + 3} 100000", "read -P 0x3c 4096 8192");
     }
 
+    [Theory]
+    [InlineData("cluster_size=65536", 64L << 20, 65536, "v3", 16, false, false)]
+    [InlineData("compat=0.10", 64L << 20, 65536, "v2", 16, false, false)]
+    [InlineData("cluster_size=4096,lazy_refcounts=on", 1L << 30, 4096, "v3", 16, true, false)]
+    [InlineData("refcount_bits=64", 10L << 30, 65536, "v3", 64, false, false)]
+    [InlineData("backing_file=base.qcow2,backing_fmt=qcow2", 1L << 20, 65536, "v3", 16, false, true)]
+    public async Task Created_images_are_laid_out_like_qemu_img_s(string qemuOptions, long size, int clusterSize,
+        string version, int refcountBits, bool lazy, bool backing)
+    {
+        var baseImg = _dir.File("base.qcow2");
+        QemuTools.Img("create", "-q", "-f", "qcow2", baseImg, "1M");
+        var theirs = _dir.File("theirs.qcow2");
+        var ours = _dir.File("ours.qcow2");
+        QemuTools.Img("create", "-q", "-f", "qcow2", "-o", qemuOptions, theirs, size.ToString());
+        await CreateAsync(ours, new Qcow2CreateOptions
+        {
+            Size = size,
+            ClusterSize = clusterSize,
+            Version = version == "v2" ? Qcow2Version.V2 : Qcow2Version.V3,
+            RefcountBits = refcountBits,
+            LazyRefcounts = lazy,
+            BackingFile = backing ? "base.qcow2" : null,
+            BackingFormat = backing ? "qcow2" : null,
+        });
+        var a = await File.ReadAllBytesAsync(theirs);
+        var b = await File.ReadAllBytesAsync(ours);
+        b.Length.Should().Be(a.Length);
+        var diff = Enumerable.Range(0, a.Length).FirstOrDefault(i => a[i] != b[i], -1);
+        diff.Should().Be(-1, $"byte {diff} differs: qemu-img wrote {(diff < 0 ? 0 : a[diff]):x2}, we wrote {(diff < 0 ? 0 : b[diff]):x2}");
+    }
+
     [Fact]
     public async Task Created_image_with_backing_file_reads_through()
     {

@@ -75,7 +75,9 @@ public static class Qcow2Creator
         {
             extensions.Add(Qcow2HeaderExtension.FromString(Qcow2HeaderExtension.BackingFormat, options.BackingFormat));
         }
-        if (v3)
+        // qemu-img (7.2) leaves the feature name table out of images with clusters of 4 KiB and less;
+        // we do the same so that our images are byte-identical to theirs.
+        if (v3 && cs > 4096)
         {
             extensions.Add(new Qcow2HeaderExtension(Qcow2HeaderExtension.FeatureNameTable,
                 Qcow2FeatureNameEntry.WriteTable(Qcow2FeatureNameEntry.Standard)));

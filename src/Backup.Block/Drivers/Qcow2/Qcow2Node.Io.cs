@@ -302,6 +302,7 @@ public sealed partial class Qcow2Node
             await WriteWithinTableAsync(l1Index, guest, data.Slice(pos, chunk), cancellationToken).ConfigureAwait(false);
             pos += chunk;
         }
+        await ProcessPendingFreesIfManyAsync(cancellationToken).ConfigureAwait(false);
     }
 
     private async ValueTask WriteWithinTableAsync(int l1Index, long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
@@ -310,6 +311,10 @@ public sealed partial class Qcow2Node
         int firstChanged = int.MaxValue, lastChanged = -1;
         var pos = 0;
         byte[]? buffer = null;
+        // Whole new clusters that land on consecutive host clusters are written with one request; their
+        // entries are set only after that write, so lock-free readers never see unwritten clusters.
+        long runHost = 0;
+        int runStart = 0, runLength = 0, runFirstIndex = 0;
         try
         {
             while (pos < data.Length)
@@ -321,6 +326,7 @@ public sealed partial class Qcow2Node
                 var entry = new Qcow2L2Entry(Volatile.Read(ref table[index]));
                 if (entry.IsWritableInPlace)
                 {
+                    await FlushRunAsync().ConfigureAwait(false);
                     await _file.WriteAsync(entry.HostOffset + intra, data.Slice(pos, n), WriteFlags.None, cancellationToken).ConfigureAwait(false);
                     pos += n;
                     continue;
@@ -330,22 +336,32 @@ public sealed partial class Qcow2Node
                 var host = reuse ? entry.HostOffset : await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
                 if (n == _clusterSize)
                 {
-                    await _file.WriteAsync(host, data.Slice(pos, n), WriteFlags.None, cancellationToken).ConfigureAwait(false);
+                    if (runLength > 0 && host != runHost + runLength)
+                    {
+                        await FlushRunAsync().ConfigureAwait(false);
+                    }
+                    if (runLength == 0)
+                    {
+                        (runHost, runStart, runFirstIndex) = (host, pos, index);
+                    }
+                    runLength += n;
                 }
                 else
                 {
+                    await FlushRunAsync().ConfigureAwait(false);
                     buffer ??= ArrayPool<byte>.Shared.Rent(_clusterSize);
                     var cluster = buffer.AsMemory(0, _clusterSize);
                     await ReadClusterSourceAsync(guest - intra, entry, cluster, cancellationToken).ConfigureAwait(false);
                     data.Slice(pos, n).CopyTo(cluster[intra..]);
                     await _file.WriteAsync(host, cluster, WriteFlags.None, cancellationToken).ConfigureAwait(false);
+                    Volatile.Write(ref table[index], Qcow2L2Entry.Standard(host).Raw);
+                    firstChanged = Math.Min(firstChanged, index);
+                    lastChanged = Math.Max(lastChanged, index);
                 }
-                Volatile.Write(ref table[index], Qcow2L2Entry.Standard(host).Raw);
-                firstChanged = Math.Min(firstChanged, index);
-                lastChanged = Math.Max(lastChanged, index);
-                await DropReferenceAsync(entry, keep: reuse ? host : 0, cancellationToken).ConfigureAwait(false);
+                DropReference(entry, keep: reuse ? host : 0);
                 pos += n;
             }
+            await FlushRunAsync().ConfigureAwait(false);
         }
         finally
         {
@@ -360,18 +376,35 @@ public sealed partial class Qcow2Node
                     .ConfigureAwait(false);
             }
         }
+
+        async ValueTask FlushRunAsync()
+        {
+            if (runLength == 0)
+            {
+                return;
+            }
+            await _file.WriteAsync(runHost, data.Slice(runStart, runLength), WriteFlags.None, cancellationToken).ConfigureAwait(false);
+            var clusters = runLength >> _clusterBits;
+            for (var i = 0; i < clusters; i++)
+            {
+                Volatile.Write(ref table[runFirstIndex + i], Qcow2L2Entry.Standard(runHost + ((long)i << _clusterBits)).Raw);
+            }
+            firstChanged = Math.Min(firstChanged, runFirstIndex);
+            lastChanged = Math.Max(lastChanged, runFirstIndex + clusters - 1);
+            runLength = 0;
+        }
     }
 
     /// <summary>The entry <paramref name="old"/> was replaced: its host clusters lose a reference (after the next flush).</summary>
-    private async ValueTask DropReferenceAsync(Qcow2L2Entry old, long keep, CancellationToken cancellationToken)
+    private void DropReference(Qcow2L2Entry old, long keep)
     {
         if (old.IsCompressed)
         {
-            await FreeCompressedLaterAsync(old, cancellationToken).ConfigureAwait(false);
+            FreeCompressedLater(old);
         }
         else if (old.HostOffset != 0 && old.HostOffset != keep)
         {
-            await FreeLaterAsync(old.HostOffset, cancellationToken).ConfigureAwait(false);
+            FreeLater(old.HostOffset);
         }
     }
 
@@ -528,10 +561,11 @@ public sealed partial class Qcow2Node
             }
             foreach (var old in toDrop)
             {
-                await DropReferenceAsync(old, keep: 0, cancellationToken).ConfigureAwait(false);
+                DropReference(old, keep: 0);
             }
             offset = chunkEnd;
         }
+        await ProcessPendingFreesIfManyAsync(cancellationToken).ConfigureAwait(false);
     }
 
     private long AlignUp(long v) => (v + _clusterSize - 1) & ~(long)(_clusterSize - 1);

@@ -16,7 +16,7 @@ public sealed partial class Qcow2Node
     /// <summary>Clusters below this index are known to be in use; the free-cluster search starts here.</summary>
     private long _freeHint;
 
-    /// <summary>How many clusters one refill of the reserve takes (about 4 MiB; that is what a crash can leak).</summary>
+    /// <summary>How many clusters one refill of the reserve takes (about 32 MiB, at most 8192 clusters; that is what a crash can leak).</summary>
     private int ReserveBatch { get; }
 
     /// <summary>Pending frees beyond this many are processed without waiting for a guest flush.</summary>
@@ -59,24 +59,32 @@ public sealed partial class Qcow2Node
         await UpdateRefcountsAsync(clusters, -1, cancellationToken).ConfigureAwait(false);
     }
 
-    /// <summary>Records that <paramref name="hostOffset"/>'s cluster lost a reference (already written to the file).</summary>
-    private async ValueTask FreeLaterAsync(long hostOffset, CancellationToken cancellationToken)
-    {
-        _pendingFrees.Add(hostOffset);
-        if (_pendingFrees.Count >= MaxPendingFrees)
-        {
-            await ProcessPendingFreesAsync(cancellationToken).ConfigureAwait(false);
-        }
-    }
+    /// <summary>
+    /// Records that <paramref name="hostOffset"/>'s cluster lost a reference. The caller writes the
+    /// entry that dropped it before the metadata lock is released; the refcount goes down later.
+    /// </summary>
+    private void FreeLater(long hostOffset) => _pendingFrees.Add(hostOffset);
 
     /// <summary>Drops a reference to every cluster a compressed cluster's data touches (as qemu-img check counts them).</summary>
-    private async ValueTask FreeCompressedLaterAsync(Qcow2L2Entry entry, CancellationToken cancellationToken)
+    private void FreeCompressedLater(Qcow2L2Entry entry)
     {
         var start = entry.CompressedOffset(_clusterBits) & ~511L;
         var end = start + entry.CompressedSectors(_clusterBits) * 512L;
         for (var c = start >> _clusterBits; c <= (end - 1) >> _clusterBits; c++)
         {
-            await FreeLaterAsync(c << _clusterBits, cancellationToken).ConfigureAwait(false);
+            FreeLater(c << _clusterBits);
+        }
+    }
+
+    /// <summary>
+    /// Called at the end of a metadata operation, when every entry it changed is written: keeps the
+    /// list of pending frees bounded without waiting for a guest flush.
+    /// </summary>
+    private async ValueTask ProcessPendingFreesIfManyAsync(CancellationToken cancellationToken)
+    {
+        if (_pendingFrees.Count >= MaxPendingFrees)
+        {
+            await ProcessPendingFreesAsync(cancellationToken).ConfigureAwait(false);
         }
     }
 
@@ -473,7 +481,7 @@ public sealed partial class Qcow2Node
         await WriteL1EntryAsync(l1Index, cancellationToken).ConfigureAwait(false);
         if (l1.IsAllocated)
         {
-            await FreeLaterAsync(l1.L2Offset, cancellationToken).ConfigureAwait(false);
+            FreeLater(l1.L2Offset);
         }
         return (table, offset);
     }

@@ -76,7 +76,7 @@ public sealed partial class Qcow2Node : BlockNode
         _virtualSize = (long)h.Size;
         _l2Cache = new Qcow2MetadataCache<ulong[]>((int)Math.Max(1, cacheSizes.L2Bytes / _clusterSize));
         _refCache = new Qcow2MetadataCache<byte[]>((int)Math.Max(1, cacheSizes.RefcountBytes / _clusterSize));
-        ReserveBatch = Math.Clamp((4 << 20) / _clusterSize, 16, 1024);
+        ReserveBatch = Math.Clamp((32 << 20) / _clusterSize, 16, 8192);
         _freeHint = 0;
         Children = backing is null
             ? [new BlockChild("file", file)]

@@ -1,0 +1,37 @@
+using System.Text.Json.Nodes;
+using Backup.Qmp.Schema;
+
+namespace Backup.Qmp.Commands;
+
+/// <summary>qmp_capabilities, query-version, query-commands, query-qmp-schema, quit.</summary>
+public sealed class ControlCommands(SchemaModel schema, VersionInfo version, IShutdownRequester shutdown) : ICommandModule
+{
+    private readonly Lazy<JsonArray> _introspection = new(() => SchemaIntrospection.Build(schema));
+
+    public void Register(CommandTable table)
+    {
+        ArgumentNullException.ThrowIfNull(table);
+        table.Add("qmp_capabilities", (args, ctx, _) =>
+        {
+            var oob = args["enable"]?.AsArray().Any(c => c!.GetValue<string>() == "oob") ?? false;
+            ctx.Session?.CompleteNegotiation(oob);
+            return ValueTask.FromResult<JsonNode?>(null);
+        });
+        table.Add("query-version", (_, _, _) => ValueTask.FromResult<JsonNode?>(version.ToJson()));
+        table.Add("query-commands", (_, _, _) => ValueTask.FromResult<JsonNode?>(new JsonArray(
+            schema.Commands.Keys.Order(StringComparer.Ordinal).Select(n => (JsonNode)new JsonObject { ["name"] = n }).ToArray())));
+        table.Add("query-qmp-schema", (_, _, _) => ValueTask.FromResult<JsonNode?>(_introspection.Value.DeepClone()));
+        table.Add("quit", (_, ctx, _) =>
+        {
+            // QEMU answers quit before it goes: the reply is queued, then shutdown starts.
+            ctx.AfterReply(() => shutdown.RequestShutdown("host-qmp-quit"));
+            return ValueTask.FromResult<JsonNode?>(null);
+        });
+    }
+}
+
+/// <summary>How a command asks the daemon to stop (the host decides how).</summary>
+public interface IShutdownRequester
+{
+    void RequestShutdown(string reason);
+}

@@ -1,0 +1,111 @@
+using System.Text.Json.Nodes;
+using Backup.Block;
+
+namespace Backup.Qmp.Commands;
+
+/// <summary>
+/// A node as query-named-block-nodes reports it (QEMU's BlockDeviceInfo), member for member in QSD's
+/// order, so that a diff against qemu-storage-daemon shows only real differences.
+/// </summary>
+public static class NodeInfo
+{
+    /// <summary>Contributors of extra members (dirty-bitmaps) keyed by member name; registered by later modules.</summary>
+    public static JsonObject Describe(BlockNode node, bool flat, IEnumerable<INodeInfoContributor> contributors)
+    {
+        ArgumentNullException.ThrowIfNull(node);
+        ArgumentNullException.ThrowIfNull(contributors);
+        var image = node.GetImageInfo();
+        var o = new JsonObject
+        {
+            ["iops_rd"] = 0,
+            ["detect_zeroes"] = node.DetectZeroes.ToString().ToLowerInvariant(),
+            ["image"] = Image(image, flat),
+            ["iops_wr"] = 0,
+            ["ro"] = node.ReadOnly,
+            ["node-name"] = node.NodeName,
+            ["backing_file_depth"] = BackingDepth(node),
+            ["drv"] = node.DriverName,
+            ["iops"] = 0,
+            ["bps_wr"] = 0,
+            ["write_threshold"] = 0,
+        };
+        if (image.BackingFilename is { } backing)
+        {
+            o["backing_file"] = backing;
+        }
+        o["encrypted"] = false;
+        o["bps"] = 0;
+        o["bps_rd"] = 0;
+        o["cache"] = new JsonObject
+        {
+            ["no-flush"] = node.CacheNoFlush,
+            ["direct"] = node.CacheDirect,
+            ["writeback"] = true,
+        };
+        o["file"] = node.Filename;
+        foreach (var c in contributors)
+        {
+            c.Contribute(node, o);
+        }
+        return o;
+    }
+
+    private static int BackingDepth(BlockNode node)
+    {
+        var depth = 0;
+        for (var n = Backing(node); n is not null; n = Backing(n))
+        {
+            depth++;
+        }
+        return depth;
+    }
+
+    private static BlockNode? Backing(BlockNode node) =>
+        node.Children.FirstOrDefault(c => c.Role == "backing")?.Node;
+
+    private static JsonObject Image(ImageInfo i, bool flat)
+    {
+        var o = new JsonObject
+        {
+            ["virtual-size"] = i.VirtualSize,
+            ["filename"] = i.Filename,
+        };
+        if (i.ClusterSize is { } cs)
+        {
+            o["cluster-size"] = cs;
+        }
+        o["format"] = i.Format;
+        if (i.ActualSize is { } actual)
+        {
+            o["actual-size"] = actual;
+        }
+        if (i.FormatSpecific is { } fs)
+        {
+            o["format-specific"] = new JsonObject { ["type"] = fs.Type, ["data"] = JsonValues.From(fs.Data) };
+        }
+        if (i.FullBackingFilename is { } full)
+        {
+            o["full-backing-filename"] = full;
+        }
+        if (i.BackingFilename is { } b)
+        {
+            o["backing-filename"] = b;
+        }
+        if (i.BackingFilenameFormat is { } bf)
+        {
+            o["backing-filename-format"] = bf;
+        }
+        if (!flat && i.BackingImage is { } bi)
+        {
+            o["backing-image"] = Image(bi, flat);
+        }
+        o["dirty-flag"] = i.DirtyFlag;
+        return o;
+    }
+}
+
+/// <summary>Adds members to a node's query-named-block-nodes entry (e.g. dirty-bitmaps).</summary>
+public interface INodeInfoContributor
+{
+    void Contribute(BlockNode node, JsonObject info);
+}

@@ -1,0 +1,320 @@
+using System.Buffers;
+using System.IO.Pipelines;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using System.Threading.Channels;
+using Backup.Block;
+using Backup.Qmp.Commands;
+using Backup.Qmp.Framing;
+using Microsoft.Extensions.Logging;
+
+namespace Backup.Qmp.Session;
+
+/// <summary>
+/// One client connection: greeting, capabilities negotiation, then requests answered in order. Input
+/// is framed with a size limit; output goes through a bounded queue so that a client that stops
+/// reading cannot make the daemon buffer without bound (it is disconnected instead) and never holds
+/// up another session.
+/// </summary>
+public sealed class QmpSession : IDisposable
+{
+    /// <summary>Largest request accepted; larger ones get an error and are skipped to the next line.</summary>
+    public const int MaxMessageBytes = 16 * 1024 * 1024;
+
+    /// <summary>Replies and events waiting for a slow reader before it is disconnected.</summary>
+    public const int MaxQueuedOutput = 4096;
+
+    private static readonly byte[] LineEnd = "\r\n"u8.ToArray();
+
+    private readonly Stream _stream;
+    private readonly QmpDispatcher _dispatcher;
+    private readonly ILogger _logger;
+    private readonly Channel<byte[]> _output = Channel.CreateBounded<byte[]>(new BoundedChannelOptions(MaxQueuedOutput)
+    {
+        SingleReader = true,
+        FullMode = BoundedChannelFullMode.Wait,
+    });
+    private readonly CancellationTokenSource _closed = new();
+    private volatile bool _negotiated;
+
+    public QmpSession(Stream stream, QmpDispatcher dispatcher, ILogger logger, string peer)
+    {
+        _stream = stream;
+        _dispatcher = dispatcher;
+        _logger = logger;
+        Peer = peer;
+    }
+
+    public string Peer { get; }
+
+    /// <summary>True once qmp_capabilities succeeded: commands run and events are delivered.</summary>
+    public bool Negotiated => _negotiated;
+
+    public bool OobEnabled { get; private set; }
+
+    internal void CompleteNegotiation(bool oob)
+    {
+        OobEnabled = oob;
+        _negotiated = true;
+    }
+
+    /// <summary>How long queued output may take to drain once the session is closing.</summary>
+    private static readonly TimeSpan DrainTimeout = TimeSpan.FromSeconds(2);
+
+    public async Task RunAsync(JsonObject greeting, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(greeting);
+        using var linked = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _closed.Token);
+        var ct = linked.Token;
+        using var writeCancel = new CancellationTokenSource();
+        var writer = WriteLoopAsync(writeCancel.Token);
+        try
+        {
+            await EnqueueAsync(greeting, ct).ConfigureAwait(false);
+            await ReadLoopAsync(ct).ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is OperationCanceledException or ChannelClosedException)
+        {
+        }
+        catch (IOException e)
+        {
+            _logger.LogDebug("QMP {Client}: connection error: {Error}", Peer, e.Message);
+        }
+        finally
+        {
+            // Let queued replies (e.g. quit's) reach the client, but not wait forever for one that does not read.
+            _output.Writer.TryComplete();
+            writeCancel.CancelAfter(DrainTimeout);
+            try
+            {
+                await writer.ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is IOException or OperationCanceledException or ObjectDisposedException)
+            {
+                // The peer went away while we were still writing to it.
+            }
+        }
+    }
+
+    /// <summary>Queues an event for this client; a client too far behind is disconnected rather than buffered forever.</summary>
+    public void SendEvent(byte[] serializedEvent)
+    {
+        if (!_negotiated)
+        {
+            return;
+        }
+        if (!_output.Writer.TryWrite(serializedEvent))
+        {
+            _logger.LogWarning("QMP {Client}: not reading its output; disconnecting", Peer);
+            Close();
+        }
+    }
+
+    /// <summary>Stops reading requests; what is queued is still sent (for a bounded time).</summary>
+    public void Close()
+    {
+        try
+        {
+            _closed.Cancel();
+        }
+        catch (ObjectDisposedException)
+        {
+        }
+    }
+
+    private async Task ReadLoopAsync(CancellationToken ct)
+    {
+        var reader = PipeReader.Create(_stream, new StreamPipeReaderOptions(bufferSize: 64 * 1024, leaveOpen: true));
+        var framer = new JsonMessageFramer(MaxMessageBytes);
+        try
+        {
+            while (true)
+            {
+                var result = await reader.ReadAsync(ct).ConfigureAwait(false);
+                var buffer = result.Buffer;
+                while (true)
+                {
+                    var kind = framer.TryRead(buffer, out var message, out var consumed, out var examined);
+                    if (kind == FrameKind.Incomplete)
+                    {
+                        reader.AdvanceTo(consumed, examined);
+                        break;
+                    }
+                    if (kind == FrameKind.Message)
+                    {
+                        JsonNode? request = null;
+                        string? parseError = null;
+                        try
+                        {
+                            var jr = new Utf8JsonReader(message, new JsonReaderOptions { MaxDepth = 1024 });
+                            request = JsonNode.Parse(ref jr);
+                        }
+                        catch (JsonException e)
+                        {
+                            parseError = "JSON parse error, " + e.Message;
+                        }
+                        buffer = buffer.Slice(consumed);
+                        if (parseError is not null)
+                        {
+                            await ReplyAsync(Error(ErrorClass.GenericError, parseError, null), ct).ConfigureAwait(false);
+                        }
+                        else
+                        {
+                            await HandleRequestAsync(request, ct).ConfigureAwait(false);
+                        }
+                        continue;
+                    }
+                    buffer = buffer.Slice(consumed);
+                    await ReplyAsync(Error(ErrorClass.GenericError, framer.LastError, null), ct).ConfigureAwait(false);
+                }
+                if (result.IsCompleted)
+                {
+                    return;
+                }
+            }
+        }
+        finally
+        {
+            await reader.CompleteAsync().ConfigureAwait(false);
+        }
+    }
+
+    private async ValueTask HandleRequestAsync(JsonNode? request, CancellationToken ct)
+    {
+        if (request is not JsonObject obj)
+        {
+            await ReplyAsync(Error(ErrorClass.GenericError, "QMP input must be a JSON object", null), ct).ConfigureAwait(false);
+            return;
+        }
+        var id = obj["id"]?.DeepClone();
+        var hasId = obj.ContainsKey("id");
+        JsonObject reply;
+        CommandContext? context = null;
+        try
+        {
+            var (name, arguments, oob) = ParseRequest(obj);
+            if (oob)
+            {
+                throw new BlockException($"The command {name} does not support OOB");
+            }
+            if (!_negotiated && name != "qmp_capabilities")
+            {
+                throw new BlockException("Expecting capabilities negotiation with 'qmp_capabilities'", ErrorClass.CommandNotFound);
+            }
+            if (_negotiated && name == "qmp_capabilities")
+            {
+                throw new BlockException("Capabilities negotiation is already complete, command ignored", ErrorClass.CommandNotFound);
+            }
+            context = new CommandContext(this);
+            var result = await _dispatcher.ExecuteAsync(name, arguments, context, ct).ConfigureAwait(false);
+            reply = new JsonObject { ["return"] = result };
+        }
+        catch (BlockException e)
+        {
+            reply = Error(e.ErrorClass, e.Message, null);
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // A bug must not take the daemon (or this session) down; the client sees a GenericError.
+            _logger.LogError(e, "QMP {Client}: command failed unexpectedly", Peer);
+            reply = Error(ErrorClass.GenericError, e.Message, null);
+        }
+        if (hasId)
+        {
+            reply["id"] = id;
+        }
+        await ReplyAsync(reply, ct).ConfigureAwait(false);
+        if (reply.ContainsKey("return"))
+        {
+            context?.RunAfterReply();
+        }
+    }
+
+    /// <summary>QEMU's qmp_dispatch_check_obj: every member is known and well-typed.</summary>
+    private (string Name, JsonObject? Arguments, bool Oob) ParseRequest(JsonObject obj)
+    {
+        string? execute = null;
+        var oob = false;
+        JsonObject? arguments = null;
+        foreach (var (key, value) in obj)
+        {
+            switch (key)
+            {
+                case "execute" or "exec-oob":
+                    if (value is not JsonValue v || v.GetValueKind() != JsonValueKind.String)
+                    {
+                        throw new BlockException($"QMP input member '{key}' must be a string");
+                    }
+                    if (key == "exec-oob")
+                    {
+                        if (!OobEnabled)
+                        {
+                            throw new BlockException("QMP input member 'exec-oob' is unexpected");
+                        }
+                        oob = true;
+                    }
+                    execute = v.GetValue<string>();
+                    break;
+                case "arguments":
+                    arguments = value as JsonObject ?? throw new BlockException("QMP input member 'arguments' must be an object");
+                    break;
+                case "id":
+                    break;
+                default:
+                    throw new BlockException($"QMP input member '{key}' is unexpected");
+            }
+        }
+        if (obj.ContainsKey("execute") && obj.ContainsKey("exec-oob"))
+        {
+            throw new BlockException("QMP input must not contain both 'execute' and 'exec-oob'");
+        }
+        return (execute ?? throw new BlockException("QMP input lacks member 'execute'"), arguments, oob);
+    }
+
+    private static JsonObject Error(ErrorClass errorClass, string desc, JsonNode? id)
+    {
+        var e = new JsonObject
+        {
+            ["error"] = new JsonObject { ["class"] = errorClass.ToString(), ["desc"] = desc },
+        };
+        if (id is not null)
+        {
+            e["id"] = id;
+        }
+        return e;
+    }
+
+    private ValueTask ReplyAsync(JsonObject reply, CancellationToken ct) => EnqueueAsync(reply, ct);
+
+    private ValueTask EnqueueAsync(JsonObject message, CancellationToken ct)
+    {
+        var bytes = Serialize(message);
+        return _output.Writer.WriteAsync(bytes, ct);
+    }
+
+    public static byte[] Serialize(JsonNode message)
+    {
+        ArgumentNullException.ThrowIfNull(message);
+        var buffer = new ArrayBufferWriter<byte>(256);
+        using (var w = new Utf8JsonWriter(buffer, new JsonWriterOptions { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping }))
+        {
+            message.WriteTo(w);
+        }
+        buffer.Write(LineEnd);
+        return buffer.WrittenSpan.ToArray();
+    }
+
+    private async Task WriteLoopAsync(CancellationToken ct)
+    {
+        await foreach (var chunk in _output.Reader.ReadAllAsync(ct).ConfigureAwait(false))
+        {
+            await _stream.WriteAsync(chunk, ct).ConfigureAwait(false);
+        }
+        await _stream.FlushAsync(ct).ConfigureAwait(false);
+    }
+
+    public void Dispose() => _closed.Dispose();
+
+    public override string ToString() => "QMP session " + Peer + (Negotiated ? "" : " (negotiating)");
+
+}

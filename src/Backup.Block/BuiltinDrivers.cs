@@ -10,5 +10,6 @@ public static class BuiltinDrivers
     [
         new FileDriver(),
         new RawDriver(),
+        new Drivers.Qcow2.Qcow2Driver(),
     ];
 }

@@ -20,7 +20,7 @@ internal sealed class NbdFixture : IAsyncDisposable
 
     public string Dir { get; }
     public string SocketPath { get; }
-    public BlockGraph Graph { get; } = BlockGraph.CreateDefault();
+    public BlockGraph Graph { get; } = new([.. BuiltinDrivers.All, new MemoryDriver()]);
     public TestEvents Events { get; } = new();
     public NbdServer Server { get; }
 
@@ -63,6 +63,17 @@ internal sealed class NbdFixture : IAsyncDisposable
         var node = await Graph.AddAsync(opts);
         return (node, file);
     }
+
+    public async Task<MemoryNode> AddMemoryNodeAsync(string nodeName, int size, bool readOnly = false) =>
+        (MemoryNode)await Graph.AddAsync(new BlockOptions
+        {
+            ["driver"] = "memory",
+            ["node-name"] = nodeName,
+            ["size"] = (long)size,
+            ["read-only"] = readOnly,
+        });
+
+    public Task<NbdTestClient> ConnectAsync() => NbdTestClient.ConnectAsync(SocketPath);
 
     public NbdExport Export(string id, string nodeName, bool writable = false, string? name = null, string? description = null,
         bool allocationDepth = false) =>

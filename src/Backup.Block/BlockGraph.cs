@@ -96,7 +96,7 @@ public sealed class BlockGraph
         ArgumentNullException.ThrowIfNull(options);
         if (options.NodeName is null)
         {
-            throw new BlockException("node-name is required for top-level blockdev");
+            throw new BlockException("'node-name' must be specified for the root node");
         }
         var node = await OpenAsync(options, inherited: null, cancellationToken).ConfigureAwait(false);
         lock (_lock)
@@ -216,14 +216,14 @@ public sealed class BlockGraph
     /// </summary>
     public async ValueTask RemoveAsync(string nodeName)
     {
-        BlockNode node;
+        BlockNode? node;
         lock (_lock)
         {
-            node = _byName.GetValueOrDefault(nodeName)
-                ?? throw new BlockException($"Failed to find node with node-name='{nodeName}'");
-            if (!_userAdded.Contains(node))
+            node = _byName.GetValueOrDefault(nodeName);
+            if (node is null || !_userAdded.Contains(node))
             {
-                throw new BlockException($"Node {nodeName} is not owned by the monitor");
+                // Nodes opened inline belong to their parent; to the user they do not exist on their own.
+                throw new BlockException($"Failed to find node with node-name='{nodeName}'");
             }
             CheckRemovable(node);
             _userAdded.Remove(node);
@@ -235,21 +235,13 @@ public sealed class BlockGraph
     {
         if (_parents[node].Count > 0)
         {
-            throw new BlockException($"Node '{node.NodeName}' is busy: node is used as " +
-                $"{ChildRoleOf(node)} of '{_parents[node][0].NodeName}'");
+            throw new BlockException($"Block device {node.NodeName} is in use");
         }
         if (node.BusyReason is { } reason)
         {
             throw new BlockException($"Node '{node.NodeName}' is busy: {reason}");
         }
     }
-
-    private string ChildRoleOf(BlockNode child) =>
-        _parents[child][0].Children.First(c => ReferenceEquals(c.Node, child)).Role switch
-        {
-            "file" => "protocol",
-            var role => role,
-        };
 
     /// <summary>Closes a node that nothing holds any more, then its children that are left unowned.</summary>
     private async ValueTask DetachAsync(BlockNode node)
@@ -334,6 +326,18 @@ public sealed class BlockGraph
         if (name.Length > MaxNodeNameLength)
         {
             throw new BlockException("Node name too long");
+        }
+    }
+
+    /// <summary>QEMU's id_wellformed, for object and job ids.</summary>
+    public static void ValidateObjectId(string id)
+    {
+        ArgumentNullException.ThrowIfNull(id);
+        var ok = id.Length > 0 && char.IsAsciiLetter(id[0]) &&
+                 id.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_');
+        if (!ok)
+        {
+            throw new BlockException($"Parameter 'id' expects an identifier");
         }
     }
 

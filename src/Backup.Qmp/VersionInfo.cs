@@ -9,12 +9,13 @@ namespace Backup.Qmp;
 /// </summary>
 public sealed record VersionInfo(int Major, int Minor, int Micro, string Package)
 {
-    /// <summary>qemu-storage-daemon 7.2 is the reference whose replies backupd reproduces.</summary>
-    public static VersionInfo Current { get; } = new(7, 2, 0, "backupd " + ProductVersion);
 
     public static string ProductVersion { get; } =
         typeof(VersionInfo).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion.Split('+')[0]
         ?? "0.0.0";
+
+    /// <summary>qemu-storage-daemon 7.2 is the reference whose replies backupd reproduces.</summary>
+    public static VersionInfo Current { get; } = new(7, 2, 0, "backupd " + ProductVersion);
 
     public JsonObject ToJson() => new()
     {

@@ -17,8 +17,7 @@ public sealed class RawDriver : IBlockDriver
         var fileSize = file.Length;
         if (offset < 0 || offset > fileSize)
         {
-            throw new BlockException("The sum of offset (" + offset + ") and size (" + (size ?? 0) +
-                ") has to be smaller or equal to the  actual size of the containing file (" + fileSize + ")");
+            throw new BlockException($"Offset ({offset}) cannot be greater than size of the containing file ({fileSize})");
         }
         if (size is { } s)
         {

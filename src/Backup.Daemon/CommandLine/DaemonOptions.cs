@@ -1,0 +1,43 @@
+using System.Text.Json.Nodes;
+using Backup.Qmp.Server;
+using Microsoft.Extensions.Logging;
+
+namespace Backup.Daemon.CommandLine;
+
+/// <summary>
+/// A command-line option that configures something QMP can also configure (--blockdev, --object,
+/// --nbd-server, --export): it is checked against that command's schema when the command line is
+/// read, and run through the same command at start-up, as QSD does.
+/// </summary>
+/// <param name="Option">The option as given (e.g. "--blockdev").</param>
+/// <param name="Text">Its argument as given, for error messages.</param>
+/// <param name="Command">The QMP command that carries it out.</param>
+/// <param name="Arguments">The validated arguments.</param>
+public sealed record StartupCommand(string Option, string Text, string Command, JsonObject Arguments);
+
+/// <summary>A QMP character device: only listening sockets are meaningful for a daemon.</summary>
+public sealed record ChardevSpec(string Id, QmpEndpoint Endpoint);
+
+/// <summary>Everything the command line (or --config) asked for, checked and ready to apply.</summary>
+public sealed record DaemonOptions
+{
+    public IReadOnlyList<StartupCommand> StartupCommands { get; init; } = [];
+    public IReadOnlyList<QmpEndpoint> QmpEndpoints { get; init; } = [];
+    public string? PidFile { get; init; }
+    public bool Daemonize { get; init; }
+    public string? LogFile { get; init; }
+    public LogLevel LogLevel { get; init; } = LogLevel.Information;
+    public bool ShowHelp { get; init; }
+    public bool ShowVersion { get; init; }
+
+    /// <summary>No options at all: run on the embedded default (a demo disk under a local state folder).</summary>
+    public bool DemoMode { get; init; }
+}
+
+/// <summary>A bad command line: one line naming the option and the problem; the daemon exits 1.</summary>
+public sealed class CommandLineException(string message) : Exception(message)
+{
+    public CommandLineException() : this("bad command line") { }
+
+    public CommandLineException(string message, Exception inner) : this(message + ": " + inner.Message) { }
+}

@@ -1,0 +1,176 @@
+using System.Globalization;
+using System.Net.Sockets;
+using System.Text.Json.Nodes;
+using Backup.Block;
+using Backup.Daemon.CommandLine;
+using Backup.Qmp;
+using Backup.Qmp.Commands;
+using Backup.Qmp.Server;
+using Microsoft.Extensions.Hosting;
+using Microsoft.Extensions.Logging;
+
+namespace Backup.Daemon.Hosting;
+
+/// <summary>A start-up step failed; the message is the one line the user sees before exit status 1.</summary>
+public sealed class StartupException(string message) : Exception(message)
+{
+    public StartupException() : this("start-up failed") { }
+
+    public StartupException(string message, Exception inner) : this(message + ": " + inner.Message) { }
+}
+
+/// <summary>
+/// The daemon's life: at start, the command line's nodes, objects and listeners are set up in order
+/// (through the same QMP commands a client would use), then the pid file is written and readiness
+/// reported; at stop (SIGTERM, SIGINT, quit), listeners close and their sockets are removed, and
+/// every node is flushed and closed.
+/// </summary>
+public sealed class BackupDaemon(
+    DaemonOptions options,
+    BlockGraph graph,
+    QmpDispatcher dispatcher,
+    QmpServer server,
+    DemoSetup demo,
+    ReadinessReporter readiness,
+    ILogger<BackupDaemon> logger) : IHostedService
+{
+    private bool _pidFileWritten;
+
+    public async Task StartAsync(CancellationToken cancellationToken)
+    {
+        try
+        {
+            var commands = options.StartupCommands;
+            var endpoints = options.QmpEndpoints;
+            if (options.DemoMode)
+            {
+                (commands, endpoints) = demo.Prepare();
+            }
+            foreach (var c in commands)
+            {
+                try
+                {
+                    await dispatcher.ExecuteAsync(c.Command, c.Arguments, new CommandContext(null), cancellationToken).ConfigureAwait(false);
+                }
+                catch (BlockException e)
+                {
+                    throw new StartupException($"{c.Option} {c.Text}: {e.Message}");
+                }
+            }
+            foreach (var e in endpoints)
+            {
+                try
+                {
+                    var bound = server.Listen(e);
+                    readiness.Listening(bound);
+                }
+                catch (SocketException ex)
+                {
+                    throw new StartupException($"Failed to bind socket to {e}: {ex.Message}");
+                }
+            }
+            if (options.PidFile is { } pidFile)
+            {
+                WritePidFile(pidFile);
+            }
+            logger.LogInformation("backupd {Version} ready: {Nodes} node(s), {Listeners} QMP listener(s)",
+                VersionInfo.ProductVersion, graph.Nodes.Count, endpoints.Count);
+            readiness.Ready();
+        }
+        catch
+        {
+            await CleanUpAsync().ConfigureAwait(false);
+            throw;
+        }
+    }
+
+    public Task StopAsync(CancellationToken cancellationToken) => CleanUpAsync();
+
+    private async Task CleanUpAsync()
+    {
+        logger.LogInformation("shutting down");
+        await server.StopAsync().ConfigureAwait(false);
+        try
+        {
+            await graph.CloseAllAsync().ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is IOException or BlockException)
+        {
+            logger.LogError(e, "closing the block graph failed");
+        }
+        if (_pidFileWritten && options.PidFile is { } pidFile)
+        {
+            TryDelete(pidFile);
+        }
+    }
+
+    private void WritePidFile(string path)
+    {
+        try
+        {
+            File.WriteAllText(path, Environment.ProcessId.ToString(CultureInfo.InvariantCulture) + "\n");
+            _pidFileWritten = true;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new StartupException($"--pidfile {path}: Cannot open pid file: {e.Message}");
+        }
+    }
+
+    private void TryDelete(string path)
+    {
+        try
+        {
+            File.Delete(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            logger.LogWarning("could not remove {Path}: {Error}", path, e.Message);
+        }
+    }
+}
+
+/// <summary>Lets quit stop the host the same way a signal does.</summary>
+public sealed class HostShutdownRequester(IHostApplicationLifetime lifetime, ILogger<HostShutdownRequester> logger) : IShutdownRequester
+{
+    public void RequestShutdown(string reason)
+    {
+        logger.LogInformation("shutdown requested: {Reason}", reason);
+        lifetime.StopApplication();
+    }
+}
+
+/// <summary>
+/// The embedded default for a first run with no options: a demo disk in a local state folder,
+/// served as node 'drive0' on a QMP socket whose path is printed.
+/// </summary>
+public sealed class DemoSetup(ILogger<DemoSetup> logger)
+{
+    public const long DemoDiskSize = 1L << 30;
+
+    /// <summary>BACKUPD_STATE_DIR, or ./state under the current directory.</summary>
+    public static string StateDirectory =>
+        Path.GetFullPath(Environment.GetEnvironmentVariable("BACKUPD_STATE_DIR") is { Length: > 0 } d ? d : "state");
+
+    public (IReadOnlyList<StartupCommand> Commands, IReadOnlyList<QmpEndpoint> Endpoints) Prepare()
+    {
+        var dir = StateDirectory;
+        Directory.CreateDirectory(dir);
+        var disk = Path.Combine(dir, "demo.img");
+        if (!File.Exists(disk))
+        {
+            using var f = File.Open(disk, FileMode.CreateNew, FileAccess.Write);
+            f.SetLength(DemoDiskSize);
+            logger.LogInformation("created demo disk {Path} ({Size} bytes, sparse)", disk, DemoDiskSize);
+        }
+        var args = new JsonObject
+        {
+            ["driver"] = "raw",
+            ["node-name"] = "drive0",
+            ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = disk },
+        };
+        var command = new StartupCommand("--blockdev", args.ToJsonString(), "blockdev-add", args);
+        var socket = Path.Combine(dir, "qmp.sock");
+        return ([command], [new QmpEndpoint.Unix(socket)]);
+    }
+}

@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using Backup.Block;
+using Backup.Block.Bitmaps;
 using Backup.Nbd.Commands;
 using Backup.Nbd.Exports;
 using Backup.Nbd.Server;
@@ -231,5 +232,39 @@ public sealed class CommandTests
             await graph.CloseAllAsync();
             Directory.Delete(dir, true);
         }
+    }
+
+    [Fact]
+    public async Task Real_dirty_bitmaps_are_exported_busy_and_see_writes_through_the_export()
+    {
+        await using var f = NbdFixture.Create();
+        var (node, _) = await f.AddRawNodeAsync("d0", 4 << 20);
+        var bitmaps = node.GetDirtyBitmaps();
+        var b0 = bitmaps.Add("b0", granularity: 65536);
+        var frozen = bitmaps.Add("b1", granularity: 65536, disabled: true);
+        var q = new Qmp(f.Server);
+
+        (await q.ErrorAsync("block-export-add", """{"type":"nbd","id":"r","node-name":"d0","bitmaps":["b0"]}"""))
+            .Should().Be("Enabled bitmap 'b0' incompatible with readonly export");
+        (await q.ErrorAsync("block-export-add", """{"type":"nbd","id":"r","node-name":"d0","bitmaps":["nosuch"]}""")).Should().Be("Bitmap 'nosuch' is not found");
+        (await q.ErrorAsync("block-export-add", """{"type":"nbd","id":"r","node-name":"d0","bitmaps":[{"node":"nosuch","name":"b0"}]}""")).Should().Be("Node 'nosuch' not found");
+        (await q.ErrorAsync("block-export-add", """{"type":"nbd","id":"r","node-name":"d0","bitmaps":[{"node":"d0","name":"x"}]}""")).Should().Be("Dirty bitmap 'x' not found");
+        await q.RunAsync("block-export-add", """{"type":"nbd","id":"r","node-name":"d0","name":"ro","bitmaps":[{"node":"d0","name":"b1"}]}""");
+        frozen.Busy.Should().BeTrue();
+        (await q.ErrorAsync("block-export-add", """{"type":"nbd","id":"r2","node-name":"d0","name":"ro2","bitmaps":["b1"]}"""))
+            .Should().Be("Bitmap 'b1' is currently in use by another operation and cannot be used");
+
+        await q.RunAsync("block-export-add", """{"type":"nbd","id":"w","node-name":"d0","name":"rw","writable":true,"bitmaps":["b0"]}""");
+        b0.Busy.Should().BeTrue();
+        await Tools.MustRunAsync("qemu-io", "-f", "raw", f.Uri("rw"), "-c", "write -P 0x11 1M 4k", "-c", "write -P 0x22 3M 128k");
+        var map = await Tools.MustRunAsync("nbdinfo", "--map=qemu:dirty-bitmap:b0", f.Uri("rw"));
+        map.Stdout.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => string.Join(' ', l.Split(' ', StringSplitOptions.RemoveEmptyEntries)))
+            .Should().Equal("0 1048576 0 clean", "1048576 65536 1 dirty", "1114112 2031616 0 clean", "3145728 131072 1 dirty", "3276800 917504 0 clean");
+        var clean = await Tools.MustRunAsync("nbdinfo", "--map=qemu:dirty-bitmap:b1", f.Uri("ro"));
+        clean.Stdout.Trim().Split(' ', StringSplitOptions.RemoveEmptyEntries).Should().Equal("0", "4194304", "0", "clean");
+
+        await q.RunAsync("nbd-server-stop");
+        b0.Busy.Should().BeFalse();
+        frozen.Busy.Should().BeFalse();
     }
 }

@@ -24,8 +24,8 @@ namespace Backup.Nbd.Server;
 public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
 {
     private readonly BlockGraph _graph;
-    private readonly IEventSink _events;
-    private readonly IMetaContextProvider? _bitmaps;
+    private readonly Func<IEventSink> _events;
+    private readonly IMetaContextProvider _bitmaps;
     private readonly ILogger _logger;
     private readonly Lock _lock = new();
     private readonly List<NbdExport> _exports = [];
@@ -42,14 +42,25 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
     /// <param name="graph">Where export node names are looked up.</param>
     /// <param name="events">Receives BLOCK_EXPORT_DELETED.</param>
     /// <param name="logger">Connection and request failures.</param>
-    /// <param name="bitmapProvider">Resolves <c>bitmaps</c> of block-export-add into <c>qemu:dirty-bitmap:NAME</c> contexts; null until a bitmap module exists.</param>
+    /// <param name="bitmapProvider">Resolves <c>bitmaps</c> of block-export-add into <c>qemu:dirty-bitmap:NAME</c>
+    /// contexts; null for <see cref="DirtyBitmapContextProvider"/> (the block layer's named dirty bitmaps).</param>
     public NbdServer(BlockGraph graph, IEventSink events, ILogger<NbdServer>? logger = null, IMetaContextProvider? bitmapProvider = null)
+        : this(graph, () => events, logger, bitmapProvider)
+    {
+        ArgumentNullException.ThrowIfNull(events);
+    }
+
+    /// <summary>
+    /// For the host: the event sink (the QMP server) depends on the command modules, which depend on this
+    /// server, so the sink is resolved only when the first event is emitted.
+    /// </summary>
+    public NbdServer(BlockGraph graph, Func<IEventSink> events, ILogger<NbdServer>? logger = null, IMetaContextProvider? bitmapProvider = null)
     {
         ArgumentNullException.ThrowIfNull(graph);
         ArgumentNullException.ThrowIfNull(events);
         _graph = graph;
         _events = events;
-        _bitmaps = bitmapProvider;
+        _bitmaps = bitmapProvider ?? new DirtyBitmapContextProvider(graph);
         _logger = (ILogger?)logger ?? NullLogger.Instance;
     }
 
@@ -428,7 +439,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
         {
             foreach (var b in options.Bitmaps)
             {
-                var context = _bitmaps?.OpenBitmap(node, b, options.Writable) ?? throw MissingBitmap(b);
+                var context = _bitmaps.OpenBitmap(node, b, options.Writable);
                 if (contexts.Any(c => c.Name == context.Name))
                 {
                     (context as IDisposable)?.Dispose();
@@ -456,12 +467,6 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
         _logger.LogInformation("NBD export '{Export}' of node '{NodeName}' added as '{Name}'", options.Id, node.NodeName, name);
         return export;
     }
-
-    /// <summary>Without a bitmap module every bitmap is unknown; the messages are QEMU's.</summary>
-    private BlockException MissingBitmap(ExportBitmapReference b) =>
-        b.Node is null ? new BlockException($"Bitmap '{b.Name}' is not found")
-        : _graph.Find(b.Node) is null ? new BlockException($"Node '{b.Node}' not found")
-        : new BlockException($"Dirty bitmap '{b.Name}' not found");
 
     /// <summary>
     /// block-export-del / nbd-server-remove. <paramref name="hard"/> drops connected clients; otherwise an
@@ -498,7 +503,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
             _exports.Remove(export);
         }
         _logger.LogInformation("NBD export '{Export}' removed", export.Id);
-        _events.Emit("BLOCK_EXPORT_DELETED", [new("id", export.Id)]);
+        _events().Emit("BLOCK_EXPORT_DELETED", [new("id", export.Id)]);
     }
 
     /// <summary>QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.</summary>

@@ -36,7 +36,7 @@ internal static class HelpText
           --config <file>        read options from a JSON object, e.g.
                                  {"blockdev": [{...}], "qmp": ["unix:/run/b.sock"]}
           --log-file <path>      also write the log to <path>
-          --log-level <level>    trace, debug, info (default), warning or error
+          --log-level <level>    trace, debug, info, warning (default) or error
 
         """;
 }

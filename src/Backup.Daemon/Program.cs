@@ -1,6 +1,8 @@
 using Backup.Block;
 using Backup.Daemon.CommandLine;
 using Backup.Daemon.Hosting;
+using Backup.Nbd.Commands;
+using Backup.Nbd.Server;
 using Backup.Qmp;
 using Backup.Qmp.Commands;
 using Backup.Qmp.Schema;
@@ -50,6 +52,7 @@ internal static class Program
         using var host = BuildHost(options);
         try
         {
+            await host.Services.GetRequiredService<BackupDaemon>().InitializeAsync(CancellationToken.None).ConfigureAwait(false);
             await host.StartAsync().ConfigureAwait(false);
         }
         catch (StartupException e)
@@ -65,7 +68,7 @@ internal static class Program
     {
         var builder = Host.CreateApplicationBuilder(new HostApplicationBuilderSettings { DisableDefaults = true, Args = [] });
         builder.Logging.ClearProviders();
-        builder.Logging.SetMinimumLevel(options.LogLevel);
+        builder.Logging.SetMinimumLevel(EffectiveLogLevel(options));
         builder.Logging.AddSerilog(CreateLogger(options), dispose: true);
         builder.Services.Configure<ConsoleLifetimeOptions>(o => o.SuppressStatusMessages = true);
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(30));
@@ -81,6 +84,9 @@ internal static class Program
         services.AddSingleton<ICommandModule, ControlCommands>();
         services.AddSingleton<ICommandModule, BlockCoreCommands>();
         services.AddSingleton<ICommandModule, BitmapCommands>();
+        services.AddSingleton(sp => new NbdServer(sp.GetRequiredService<BlockGraph>(),
+            () => sp.GetRequiredService<IEventSink>(), sp.GetService<ILogger<NbdServer>>()));
+        services.AddSingleton<ICommandModule, NbdCommands>();
         services.AddSingleton<ICommandModule, ObjectCommands>();
         services.AddSingleton<QmpDispatcher>();
         services.AddSingleton(sp => new QmpServer(sp.GetRequiredService<QmpDispatcher>(), sp.GetRequiredService<VersionInfo>(),
@@ -88,13 +94,18 @@ internal static class Program
         services.AddSingleton<IEventSink>(sp => sp.GetRequiredService<QmpServer>());
         services.AddSingleton<DemoSetup>();
         services.AddSingleton<ReadinessReporter>();
-        services.AddHostedService<BackupDaemon>();
+        services.AddSingleton<BackupDaemon>();
+        services.AddHostedService(sp => sp.GetRequiredService<BackupDaemon>());
         return builder.Build();
     }
 
+    /// <summary>Quiet like QSD unless asked (warnings and errors only); the demo run tells what it does.</summary>
+    private static LogLevel EffectiveLogLevel(DaemonOptions options) =>
+        options.LogLevel ?? (options.DemoMode ? LogLevel.Information : LogLevel.Warning);
+
     private static Serilog.Core.Logger CreateLogger(DaemonOptions options)
     {
-        var level = options.LogLevel switch
+        var level = EffectiveLogLevel(options) switch
         {
             LogLevel.Trace => LogEventLevel.Verbose,
             LogLevel.Debug => LogEventLevel.Debug,

@@ -6,6 +6,11 @@ namespace Backup.Qmp.Tests;
 
 public class SchemaTests
 {
+    private sealed class NullEvents : IEventSink
+    {
+        public void Emit(string name, IReadOnlyList<KeyValuePair<string, object?>> data) { }
+    }
+
     private sealed class NoShutdown : IShutdownRequester
     {
         public void RequestShutdown(string reason) { }
@@ -16,6 +21,7 @@ public class SchemaTests
         new ControlCommands(SchemaLoader.Default, VersionInfo.Current, new NoShutdown()),
         new BlockCoreCommands(BlockGraph.CreateDefault()),
         new BitmapCommands(BlockGraph.CreateDefault()),
+        new Backup.Nbd.Commands.NbdCommands(new Backup.Nbd.Server.NbdServer(BlockGraph.CreateDefault(), new NullEvents())),
         new ObjectCommands(new ObjectRegistry()),
     ]);
 

@@ -15,13 +15,17 @@ namespace Backup.Daemon.CommandLine;
 /// </summary>
 public sealed class CommandLineParser(SchemaModel schema)
 {
-    /// <summary>Options that are QMP commands in disguise: option → (command, implied key of its key=value form).</summary>
-    private static readonly Dictionary<string, (string Command, string? ImpliedKey)> CommandOptions = new(StringComparer.Ordinal)
+    /// <summary>
+    /// Options that are QMP commands in disguise: option → (command, implied key of its key=value form,
+    /// and the schema type to check it against when that is not the command's own arguments).
+    /// --nbd-server takes QSD's flat address form (NbdServerOptions), not nbd-server-start's legacy one.
+    /// </summary>
+    private static readonly Dictionary<string, (string Command, string? ImpliedKey, string? ArgumentType)> CommandOptions = new(StringComparer.Ordinal)
     {
-        ["--blockdev"] = ("blockdev-add", "driver"),
-        ["--object"] = ("object-add", "qom-type"),
-        ["--nbd-server"] = ("nbd-server-start", null),
-        ["--export"] = ("block-export-add", "type"),
+        ["--blockdev"] = ("blockdev-add", "driver", null),
+        ["--object"] = ("object-add", "qom-type", null),
+        ["--nbd-server"] = ("nbd-server-start", null, "NbdServerOptions"),
+        ["--export"] = ("block-export-add", "type", null),
     };
 
     private static readonly HashSet<string> ValueOptions = new(StringComparer.Ordinal)
@@ -111,13 +115,14 @@ public sealed class CommandLineParser(SchemaModel schema)
         }
         if (CommandOptions.TryGetValue(option, out var c) && schema.Commands.TryGetValue(c.Command, out var def))
         {
-            state.Commands.Add(ParseCommandOption(option, value!, def, c.ImpliedKey));
+            var type = c.ArgumentType is null ? def.Arguments : (StructType)schema.Types[c.ArgumentType];
+            state.Commands.Add(ParseCommandOption(option, value!, def.Name, type, c.ImpliedKey));
             return;
         }
         throw new CommandLineException($"unrecognized option '{option}'");
     }
 
-    private static StartupCommand ParseCommandOption(string option, string text, CommandDef def, string? impliedKey)
+    private static StartupCommand ParseCommandOption(string option, string text, string command, StructType type, string? impliedKey)
     {
         try
         {
@@ -133,7 +138,7 @@ public sealed class CommandLineParser(SchemaModel schema)
                 raw = KeyValueSyntax.Parse(text, impliedKey);
                 form = InputForm.KeyValue;
             }
-            return new StartupCommand(option, text, def.Name, InputValidator.ValidateArguments(raw, def.Arguments, form));
+            return new StartupCommand(option, text, command, InputValidator.ValidateArguments(raw, type, form));
         }
         catch (JsonException e)
         {
@@ -321,7 +326,7 @@ public sealed class CommandLineParser(SchemaModel schema)
         public bool Daemonize;
         public string? PidFile;
         public string? LogFile;
-        public LogLevel LogLevel = LogLevel.Information;
+        public LogLevel? LogLevel;
         public readonly List<StartupCommand> Commands = [];
         public readonly Dictionary<string, ChardevSpec> Chardevs = new(StringComparer.Ordinal);
         public readonly List<(string Chardev, string Text)> Monitors = [];

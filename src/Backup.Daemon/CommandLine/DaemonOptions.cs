@@ -26,7 +26,8 @@ public sealed record DaemonOptions
     public string? PidFile { get; init; }
     public bool Daemonize { get; init; }
     public string? LogFile { get; init; }
-    public LogLevel LogLevel { get; init; } = LogLevel.Information;
+    /// <summary>Null: the default (warnings, or information in the demo run).</summary>
+    public LogLevel? LogLevel { get; init; }
     public bool ShowHelp { get; init; }
     public bool ShowVersion { get; init; }
 

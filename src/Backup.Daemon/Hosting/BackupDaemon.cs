@@ -3,6 +3,8 @@ using System.Net.Sockets;
 using System.Text.Json.Nodes;
 using Backup.Block;
 using Backup.Daemon.CommandLine;
+using Backup.Nbd.Commands;
+using Backup.Nbd.Server;
 using Backup.Qmp;
 using Backup.Qmp.Commands;
 using Backup.Qmp.Server;
@@ -30,13 +32,18 @@ public sealed class BackupDaemon(
     BlockGraph graph,
     QmpDispatcher dispatcher,
     QmpServer server,
+    NbdServer nbd,
     DemoSetup demo,
     ReadinessReporter readiness,
     ILogger<BackupDaemon> logger) : IHostedService
 {
     private bool _pidFileWritten;
 
-    public async Task StartAsync(CancellationToken cancellationToken)
+    /// <summary>
+    /// Sets up what the command line asked for. Runs before the host starts so that a failure is one
+    /// line from Program and exit status 1, with whatever was already opened closed again.
+    /// </summary>
+    public async Task InitializeAsync(CancellationToken cancellationToken)
     {
         try
         {
@@ -50,12 +57,24 @@ public sealed class BackupDaemon(
             {
                 try
                 {
-                    await dispatcher.ExecuteAsync(c.Command, c.Arguments, new CommandContext(null), cancellationToken).ConfigureAwait(false);
+                    if (c.Option == "--nbd-server")
+                    {
+                        NbdCommands.StartFromOptions(nbd, c.Arguments);
+                    }
+                    else
+                    {
+                        await dispatcher.ExecuteAsync(c.Command, c.Arguments, new CommandContext(null), cancellationToken).ConfigureAwait(false);
+                    }
                 }
                 catch (BlockException e)
                 {
                     throw new StartupException($"{c.Option} {c.Text}: {e.Message}");
                 }
+            }
+            if (options.PidFile is { } pidFile)
+            {
+                // Before the sockets: whoever waits for a socket may rely on the pid file being there.
+                WritePidFile(pidFile);
             }
             foreach (var e in endpoints)
             {
@@ -69,10 +88,6 @@ public sealed class BackupDaemon(
                     throw new StartupException($"Failed to bind socket to {e}: {ex.Message}");
                 }
             }
-            if (options.PidFile is { } pidFile)
-            {
-                WritePidFile(pidFile);
-            }
             logger.LogInformation("backupd {Version} ready: {Nodes} node(s), {Listeners} QMP listener(s)",
                 VersionInfo.ProductVersion, graph.Nodes.Count, endpoints.Count);
             readiness.Ready();
@@ -84,12 +99,18 @@ public sealed class BackupDaemon(
         }
     }
 
-    public Task StopAsync(CancellationToken cancellationToken) => CleanUpAsync();
+    public Task StartAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+    public Task StopAsync(CancellationToken cancellationToken)
+    {
+        logger.LogInformation("shutting down");
+        return CleanUpAsync();
+    }
 
     private async Task CleanUpAsync()
     {
-        logger.LogInformation("shutting down");
         await server.StopAsync().ConfigureAwait(false);
+        await nbd.StopAsync().ConfigureAwait(false);
         try
         {
             await graph.CloseAllAsync().ConfigureAwait(false);
@@ -108,7 +129,9 @@ public sealed class BackupDaemon(
     {
         try
         {
-            File.WriteAllText(path, Environment.ProcessId.ToString(CultureInfo.InvariantCulture) + "\n");
+            var temp = path + ".tmp";
+            File.WriteAllText(temp, Environment.ProcessId.ToString(CultureInfo.InvariantCulture) + "\n");
+            File.Move(temp, path, overwrite: true);
             _pidFileWritten = true;
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)

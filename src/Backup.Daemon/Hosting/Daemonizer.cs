@@ -16,6 +16,7 @@ public static partial class Daemonizer
         {
             UseShellExecute = false,
             RedirectStandardOutput = true,
+            RedirectStandardError = true,
             RedirectStandardInput = true,
         };
         if (Path.GetFileNameWithoutExtension(Environment.ProcessPath!) == "dotnet")
@@ -29,6 +30,8 @@ public static partial class Daemonizer
         psi.Environment[ReadinessReporter.DaemonChildVariable] = "1";
         using var child = Process.Start(psi)!;
         child.StandardInput.Close();
+        // Until the child is ready its errors are ours to show; afterwards it has no terminal (QSD: /dev/null).
+        var errors = PumpAsync(child.StandardError, Console.Error);
         string? line;
         while ((line = await child.StandardOutput.ReadLineAsync().ConfigureAwait(false)) is not null)
         {
@@ -39,7 +42,16 @@ public static partial class Daemonizer
             Console.Out.WriteLine(line);
         }
         await child.WaitForExitAsync().ConfigureAwait(false);
+        await errors.ConfigureAwait(false);
         return child.ExitCode == 0 ? 1 : child.ExitCode;
+    }
+
+    private static async Task PumpAsync(StreamReader from, TextWriter to)
+    {
+        while (await from.ReadLineAsync().ConfigureAwait(false) is { } line)
+        {
+            await to.WriteLineAsync(line).ConfigureAwait(false);
+        }
     }
 
     /// <summary>In the child: a session of its own, so the terminal's hang-up does not reach it.</summary>

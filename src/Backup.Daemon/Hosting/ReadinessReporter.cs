@@ -35,7 +35,10 @@ public sealed class ReadinessReporter(DaemonOptions options)
         {
             Console.Out.WriteLine(ReadyLine);
             Console.Out.Flush();
+            // The parent is gone once it reads this: stdout and stderr lead nowhere from here on
+            // (logs still reach --log-file).
             Console.SetOut(TextWriter.Null);
+            Console.SetError(TextWriter.Null);
         }
     }
 }

@@ -1,0 +1,99 @@
+using System.IO.Pipelines;
+using System.Net.Sockets;
+using Backup.Nbd.Handshake;
+using Backup.Nbd.Transmission;
+using Microsoft.Extensions.Logging;
+
+namespace Backup.Nbd.Server;
+
+/// <summary>
+/// One client connection: handshake, then transmission on the chosen export. Owns its socket.
+/// <see cref="Abort"/> ends it from outside (export removed, server stopped); <see cref="Completion"/>
+/// finishes once every request it started has finished.
+/// </summary>
+public sealed class NbdConnection : IDisposable
+{
+    private const int ReadBufferSize = 256 * 1024;
+
+    private readonly Socket _socket;
+    private readonly INbdExportDirectory _directory;
+    private readonly ILogger _logger;
+    private readonly CancellationTokenSource _cts = new();
+    private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    internal NbdConnection(Socket socket, INbdExportDirectory directory, ILogger logger, string client)
+    {
+        _socket = socket;
+        _directory = directory;
+        _logger = logger;
+        Client = client;
+    }
+
+    /// <summary>Who is connected, for logs.</summary>
+    public string Client { get; }
+
+    internal Task Completion => _completion.Task;
+
+    internal async Task RunAsync()
+    {
+        var stream = new NetworkStream(_socket, ownsSocket: false);
+        var input = PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: ReadBufferSize, minimumReadSize: ReadBufferSize / 4, leaveOpen: true));
+        try
+        {
+            var handshake = await new NbdHandshake(_directory, input, stream, _logger, Client).RunAsync(_cts.Token).ConfigureAwait(false);
+            if (handshake is null)
+            {
+                return;
+            }
+            var export = handshake.Export;
+            if (!export.TryAttach(this))
+            {
+                return;
+            }
+            _logger.LogInformation("NBD client {Client} attached to export '{Export}'", Client, export.Id);
+            try
+            {
+                using var transmission = new NbdTransmission(handshake, input, stream, _logger, Client, _cts.Token);
+                await transmission.RunAsync().ConfigureAwait(false);
+            }
+            finally
+            {
+                export.Detach(this);
+            }
+        }
+        catch (Exception e) when (e is OperationCanceledException or IOException or SocketException or ObjectDisposedException)
+        {
+            _logger.LogDebug("NBD client {Client}: connection ended: {Error}", Client, e.Message);
+        }
+#pragma warning disable CA1031 // a bug in one connection must not take the daemon down
+        catch (Exception e)
+#pragma warning restore CA1031
+        {
+            _logger.LogError(e, "NBD client {Client}: connection failed", Client);
+        }
+        finally
+        {
+            await input.CompleteAsync().ConfigureAwait(false);
+            await stream.DisposeAsync().ConfigureAwait(false);
+            _socket.Dispose();
+            Dispose();
+            _completion.TrySetResult();
+        }
+    }
+
+    public void Dispose() => _cts.Dispose();
+
+    /// <summary>Drops the connection: pending reads and writes fail, running requests are cancelled.</summary>
+    internal void Abort()
+    {
+        try
+        {
+            _cts.Cancel();
+            _socket.Shutdown(SocketShutdown.Both);
+        }
+        catch (Exception e) when (e is ObjectDisposedException or SocketException)
+        {
+            // Already gone.
+        }
+    }
+}

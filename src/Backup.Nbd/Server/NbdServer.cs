@@ -1,0 +1,512 @@
+using System.Net;
+using System.Net.Sockets;
+using System.Text;
+using Backup.Block;
+using Backup.Nbd.Exports;
+using Backup.Nbd.Handshake;
+using Backup.Nbd.Protocol;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
+
+namespace Backup.Nbd.Server;
+
+/// <summary>
+/// The daemon's one NBD server (QEMU's nbd-server-start/-stop) and the NBD exports it serves.
+///
+/// Lifetime: <see cref="Start"/> binds and starts accepting; <see cref="StopAsync"/> removes every
+/// export (each emitting BLOCK_EXPORT_DELETED), drops every connection, closes the listener and removes
+/// the Unix socket file. Stop is idempotent, and <see cref="DisposeAsync"/> is Stop, so the host can
+/// dispose the server at shutdown whether or not it is running. Start may be called again after Stop.
+///
+/// Export operations are meant to be called one at a time (QMP commands run serially); the registry is
+/// locked anyway so that connections and the host's shutdown can look at it concurrently.
+/// </summary>
+public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
+{
+    private readonly BlockGraph _graph;
+    private readonly Func<IEventSink> _events;
+    private readonly IMetaContextProvider _bitmaps;
+    private readonly ILogger _logger;
+    private readonly Lock _lock = new();
+    private readonly List<NbdExport> _exports = [];
+    private readonly HashSet<NbdConnection> _connections = [];
+
+    private Socket? _listener;
+    private NbdServerAddress? _address;
+    private CancellationTokenSource? _stopping;
+    private Task? _acceptLoop;
+    private SemaphoreSlim? _connectionSlots;
+    private int _maxConnections;
+    private long _clientCounter;
+
+    /// <param name="graph">Where export node names are looked up.</param>
+    /// <param name="events">Receives BLOCK_EXPORT_DELETED.</param>
+    /// <param name="logger">Connection and request failures.</param>
+    /// <param name="bitmapProvider">Resolves <c>bitmaps</c> of block-export-add into <c>qemu:dirty-bitmap:NAME</c>
+    /// contexts; null for <see cref="DirtyBitmapContextProvider"/> (the block layer's named dirty bitmaps).</param>
+    public NbdServer(BlockGraph graph, IEventSink events, ILogger<NbdServer>? logger = null, IMetaContextProvider? bitmapProvider = null)
+        : this(graph, () => events, logger, bitmapProvider)
+    {
+        ArgumentNullException.ThrowIfNull(events);
+    }
+
+    /// <summary>
+    /// For the host: the event sink (the QMP server) depends on the command modules, which depend on this
+    /// server, so the sink is resolved only when the first event is emitted.
+    /// </summary>
+    public NbdServer(BlockGraph graph, Func<IEventSink> events, ILogger<NbdServer>? logger = null, IMetaContextProvider? bitmapProvider = null)
+    {
+        ArgumentNullException.ThrowIfNull(graph);
+        ArgumentNullException.ThrowIfNull(events);
+        _graph = graph;
+        _events = events;
+        _bitmaps = bitmapProvider ?? new DirtyBitmapContextProvider(graph);
+        _logger = (ILogger?)logger ?? NullLogger.Instance;
+    }
+
+    public bool IsRunning
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _listener is not null;
+            }
+        }
+    }
+
+    /// <summary>The bound address (useful with TCP port 0); null when not running.</summary>
+    public EndPoint? LocalEndPoint
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _listener?.LocalEndPoint;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ start / stop
+
+    /// <summary>
+    /// nbd-server-start: binds <paramref name="address"/> and starts accepting clients. Throws
+    /// <see cref="BlockException"/> with QEMU's wording when already running or when binding fails.
+    /// </summary>
+    /// <param name="maxConnections">0 for unlimited; 1 also stops advertising CAN_MULTI_CONN.</param>
+    /// <param name="tlsCreds">TLS credentials object id; this daemon has no such objects, so any id is refused.</param>
+    public void Start(NbdServerAddress address, uint maxConnections = 0, string? tlsCreds = null)
+    {
+        ArgumentNullException.ThrowIfNull(address);
+        lock (_lock)
+        {
+            if (_listener is not null)
+            {
+                throw new BlockException("NBD server already running");
+            }
+        }
+        var listener = Bind(address);
+        if (tlsCreds is not null)
+        {
+            CloseListener(listener, address);
+            throw new BlockException($"No TLS credentials with id '{tlsCreds}'");
+        }
+        lock (_lock)
+        {
+            _listener = listener;
+            _address = address;
+            _stopping = new CancellationTokenSource();
+            _maxConnections = (int)Math.Min(maxConnections, int.MaxValue);
+            _connectionSlots = _maxConnections > 0 ? new SemaphoreSlim(_maxConnections, _maxConnections) : null;
+            _acceptLoop = AcceptLoopAsync(listener, _connectionSlots, _stopping.Token);
+        }
+        _logger.LogInformation("NBD server listening on {Address}", Describe(address));
+    }
+
+    /// <summary>
+    /// nbd-server-stop (and daemon shutdown): removes every export, drops every connection, stops
+    /// listening and removes the socket file. Does nothing when not running.
+    /// </summary>
+    public async ValueTask StopAsync()
+    {
+        Socket? listener;
+        NbdServerAddress? address;
+        CancellationTokenSource? stopping;
+        Task? acceptLoop;
+        SemaphoreSlim? slots;
+        List<NbdExport> exports;
+        lock (_lock)
+        {
+            listener = _listener;
+            address = _address;
+            stopping = _stopping;
+            acceptLoop = _acceptLoop;
+            slots = _connectionSlots;
+            exports = [.. _exports];
+            _listener = null;
+            _address = null;
+            _stopping = null;
+            _acceptLoop = null;
+            _connectionSlots = null;
+        }
+        if (listener is null)
+        {
+            return;
+        }
+        foreach (var e in exports)
+        {
+            await RemoveExportCoreAsync(e).ConfigureAwait(false);
+        }
+        await stopping!.CancelAsync().ConfigureAwait(false);
+        CloseListener(listener, address!);
+        await acceptLoop!.ConfigureAwait(false);
+        List<NbdConnection> connections;
+        lock (_lock)
+        {
+            connections = [.. _connections];
+        }
+        foreach (var c in connections)
+        {
+            c.Abort();
+        }
+        await Task.WhenAll(connections.Select(c => c.Completion)).ConfigureAwait(false);
+        stopping.Dispose();
+        slots?.Dispose();
+        _logger.LogInformation("NBD server stopped");
+    }
+
+    public ValueTask DisposeAsync() => StopAsync();
+
+    private static Socket Bind(NbdServerAddress address)
+    {
+        switch (address)
+        {
+            case NbdUnixAddress unix:
+            {
+                var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                try
+                {
+                    if (!unix.Abstract && File.Exists(unix.Path))
+                    {
+                        // QEMU removes a stale socket file before binding; so do we.
+                        File.Delete(unix.Path);
+                    }
+                    socket.Bind(new UnixDomainSocketEndPoint(unix.Abstract ? "\0" + unix.Path : unix.Path));
+                    socket.Listen(128);
+                    return socket;
+                }
+                catch (Exception e) when (e is SocketException or IOException or UnauthorizedAccessException)
+                {
+                    socket.Dispose();
+                    var reason = e is SocketException se ? UnixBindError(se, unix.Path) : e.Message;
+                    throw new BlockException($"Failed to bind socket to {unix.Path}: {reason}");
+                }
+            }
+            case NbdInetAddress inet:
+            {
+                IPAddress[] candidates;
+                try
+                {
+                    candidates = IPAddress.TryParse(inet.Host, out var literal) ? [literal]
+                        : inet.Host.Length == 0 ? [IPAddress.IPv6Any, IPAddress.Any]
+                        : Dns.GetHostAddresses(inet.Host);
+                }
+                catch (SocketException e)
+                {
+                    throw new BlockException($"address resolution failed for {inet.Host}:{inet.Port}: {e.Message}");
+                }
+                if (!ushort.TryParse(inet.Port, out var port))
+                {
+                    throw new BlockException($"address resolution failed for {inet.Host}:{inet.Port}: Servname not supported for ai_socktype");
+                }
+                candidates = candidates.Where(a =>
+                    a.AddressFamily == AddressFamily.InterNetwork ? inet.Ipv4 != false : inet.Ipv6 != false).ToArray();
+                SocketException? last = null;
+                foreach (var a in candidates)
+                {
+                    var socket = new Socket(a.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+                    try
+                    {
+                        socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+                        socket.NoDelay = true;
+                        socket.Bind(new IPEndPoint(a, port));
+                        socket.Listen(128);
+                        return socket;
+                    }
+                    catch (SocketException e)
+                    {
+                        socket.Dispose();
+                        last = e;
+                    }
+                }
+                throw new BlockException($"Failed to bind socket: {last?.Message ?? "Address family not supported"}");
+            }
+            default:
+                throw new BlockException("only QEMU supports file descriptor passing");
+        }
+    }
+
+    private static string UnixBindError(SocketException e, string path)
+    {
+        var dir = Path.GetDirectoryName(Path.GetFullPath(path));
+        if (dir is not null && !Directory.Exists(dir))
+        {
+            return "No such file or directory";
+        }
+        return e.SocketErrorCode switch
+        {
+            SocketError.AddressAlreadyInUse => "Address already in use",
+            SocketError.AccessDenied => "Permission denied",
+            _ => e.Message,
+        };
+    }
+
+    private static void CloseListener(Socket listener, NbdServerAddress address)
+    {
+        listener.Dispose();
+        if (address is NbdUnixAddress { Abstract: false } unix)
+        {
+            try
+            {
+                File.Delete(unix.Path);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // Nothing more to do; the file is harmless and the next start removes it.
+            }
+        }
+    }
+
+    private static string Describe(NbdServerAddress address) => address switch
+    {
+        NbdUnixAddress u => "unix:" + u.Path,
+        NbdInetAddress i => $"{i.Host}:{i.Port}",
+        _ => address.ToString()!,
+    };
+
+    private async Task AcceptLoopAsync(Socket listener, SemaphoreSlim? slots, CancellationToken cancellationToken)
+    {
+        await Task.Yield();
+        while (!cancellationToken.IsCancellationRequested)
+        {
+            Socket socket;
+            try
+            {
+                if (slots is not null)
+                {
+                    // At max-connections, stop accepting: new clients wait in the backlog, as with QEMU.
+                    await slots.WaitAsync(cancellationToken).ConfigureAwait(false);
+                }
+                socket = await listener.AcceptAsync(cancellationToken).ConfigureAwait(false);
+            }
+            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
+            {
+                if (cancellationToken.IsCancellationRequested || e is ObjectDisposedException)
+                {
+                    return;
+                }
+                _logger.LogWarning("NBD server: accept failed: {Error}", e.Message);
+                slots?.Release();
+                continue;
+            }
+            if (socket.AddressFamily is AddressFamily.InterNetwork or AddressFamily.InterNetworkV6)
+            {
+                socket.NoDelay = true;
+            }
+            var client = socket.RemoteEndPoint is IPEndPoint ip ? ip.ToString() : $"unix#{Interlocked.Increment(ref _clientCounter)}";
+            var connection = new NbdConnection(socket, this, _logger, client);
+            lock (_lock)
+            {
+                _connections.Add(connection);
+            }
+            _ = RunConnectionAsync(connection, slots);
+        }
+    }
+
+    private async Task RunConnectionAsync(NbdConnection connection, SemaphoreSlim? slots)
+    {
+        try
+        {
+            await connection.RunAsync().ConfigureAwait(false);
+        }
+        finally
+        {
+            lock (_lock)
+            {
+                _connections.Remove(connection);
+            }
+            try
+            {
+                slots?.Release();
+            }
+            catch (ObjectDisposedException)
+            {
+                // The server stopped meanwhile.
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ exports
+
+    /// <summary>Exports in the order query-block-exports lists them (newest first, as QEMU does).</summary>
+    public IReadOnlyList<NbdExport> Exports
+    {
+        get
+        {
+            lock (_lock)
+            {
+                var list = _exports.ToList();
+                list.Reverse();
+                return list;
+            }
+        }
+    }
+
+    public NbdExport? FindById(string id)
+    {
+        lock (_lock)
+        {
+            return _exports.FirstOrDefault(e => e.Id == id);
+        }
+    }
+
+    NbdExport? INbdExportDirectory.FindByName(string name)
+    {
+        lock (_lock)
+        {
+            return _exports.FirstOrDefault(e => e.Name == name && !e.ShuttingDown);
+        }
+    }
+
+    IReadOnlyList<NbdExport> INbdExportDirectory.ListExports()
+    {
+        lock (_lock)
+        {
+            return _exports.Where(e => !e.ShuttingDown).ToList();
+        }
+    }
+
+    /// <summary>
+    /// block-export-add (type nbd) and nbd-server-add: checks everything in QEMU's order with QEMU's
+    /// wording, then creates the export. Nothing changes unless every check passes.
+    /// </summary>
+    public NbdExport AddExport(NbdExportOptions options, string? iothread = null)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        if (!IsWellFormedId(options.Id))
+        {
+            throw new BlockException("Invalid block export id");
+        }
+        if (FindById(options.Id) is not null)
+        {
+            throw new BlockException($"Block export id '{options.Id}' is already in use");
+        }
+        var node = _graph.Find(options.NodeName) ?? throw new BlockException(options.LegacyDeviceLookup
+            ? $"Cannot find device='{options.NodeName}' nor node-name='{options.NodeName}'"
+            : $"Cannot find device='' nor node-name='{options.NodeName}'");
+        if (iothread is not null)
+        {
+            throw new BlockException($"iothread \"{iothread}\" not found");
+        }
+        if (options.Writable && node.ReadOnly)
+        {
+            throw new BlockException("Cannot export read-only node as writable");
+        }
+        if (!IsRunning)
+        {
+            throw new BlockException("NBD server not running");
+        }
+        var name = options.Name ?? options.NodeName;
+        if (Encoding.UTF8.GetByteCount(name) > NbdWire.NBD_MAX_STRING_SIZE)
+        {
+            throw new BlockException($"export name '{name}' too long");
+        }
+        if (options.Description is { } d && Encoding.UTF8.GetByteCount(d) > NbdWire.NBD_MAX_STRING_SIZE)
+        {
+            throw new BlockException($"description '{d}' too long");
+        }
+        if (((INbdExportDirectory)this).FindByName(name) is not null)
+        {
+            throw new BlockException($"NBD server already has export named '{name}'");
+        }
+
+        var contexts = new List<IExportMetaContext> { new BaseAllocationContext(node) };
+        if (options.AllocationDepth)
+        {
+            contexts.Add(new AllocationDepthContext(node));
+        }
+        try
+        {
+            foreach (var b in options.Bitmaps)
+            {
+                var context = _bitmaps.OpenBitmap(node, b, options.Writable);
+                if (contexts.Any(c => c.Name == context.Name))
+                {
+                    (context as IDisposable)?.Dispose();
+                    throw new BlockException($"Bitmap '{b.Name}' is already exported");
+                }
+                contexts.Add(context);
+            }
+        }
+        catch
+        {
+            foreach (var c in contexts)
+            {
+                (c as IDisposable)?.Dispose();
+            }
+            throw;
+        }
+
+        // blockdev-del of the node now fails (QSD: "Node 'x' is busy: block device is in use by export 'id'" here).
+        var user = node.AddUser($"block device is in use by export '{options.Id}'");
+        var export = new NbdExport(options, name, node, contexts, user, _maxConnections);
+        lock (_lock)
+        {
+            _exports.Add(export);
+        }
+        _logger.LogInformation("NBD export '{Export}' of node '{NodeName}' added as '{Name}'", options.Id, node.NodeName, name);
+        return export;
+    }
+
+    /// <summary>
+    /// block-export-del / nbd-server-remove. <paramref name="hard"/> drops connected clients; otherwise an
+    /// export with clients stays and this fails. Emits BLOCK_EXPORT_DELETED once the export is gone.
+    /// </summary>
+    public async ValueTask RemoveExportAsync(string id, bool hard)
+    {
+        var export = FindById(id) ?? throw new BlockException($"Export '{id}' is not found");
+        if (export.ShuttingDown)
+        {
+            throw new BlockException($"Export '{id}' is already shutting down");
+        }
+        if (!hard && export.ConnectionCount > 0)
+        {
+            throw new BlockException($"export '{id}' still in use");
+        }
+        await RemoveExportCoreAsync(export).ConfigureAwait(false);
+    }
+
+    private async ValueTask RemoveExportCoreAsync(NbdExport export)
+    {
+        if (!export.BeginShutdown(out var connections))
+        {
+            return;
+        }
+        foreach (var c in connections)
+        {
+            c.Abort();
+        }
+        await Task.WhenAll(connections.Select(c => c.Completion)).ConfigureAwait(false);
+        export.Release();
+        lock (_lock)
+        {
+            _exports.Remove(export);
+        }
+        _logger.LogInformation("NBD export '{Export}' removed", export.Id);
+        _events().Emit("BLOCK_EXPORT_DELETED", [new("id", export.Id)]);
+    }
+
+    /// <summary>QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.</summary>
+    private static bool IsWellFormedId(string id) =>
+        id.Length > 0 && char.IsAsciiLetter(id[0]) && id.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_');
+}

@@ -16,13 +16,17 @@ public sealed class BitmapCommands(BlockGraph graph) : ICommandModule
             DirtyBitmapSet.CheckNameNotEmpty(name);
             var nodeName = args["node"]!.GetValue<string>();
             var node = graph.Find(nodeName) ?? throw new BlockException($"Cannot find device='{nodeName}' nor node-name='{nodeName}'");
+            var granularity = args["granularity"]?.GetValue<long>();
+            if (granularity is { } g)
+            {
+                DirtyBitmapSet.CheckGranularity(g);
+            }
             var persistent = args["persistent"]?.GetValue<bool>() ?? false;
             if (persistent)
             {
-                // Bitmaps are stored in qcow2 images by the persistence feature; until a node can store them, say so as QEMU does.
-                throw new BlockException($"Can't store persistent bitmaps to {node.NodeName}: Operation not supported");
+                CheckCanStore(node, name);
             }
-            node.GetDirtyBitmaps().Add(name, args["granularity"]?.GetValue<long>(), persistent,
+            node.GetDirtyBitmaps().Add(name, granularity, persistent,
                 args["disabled"]?.GetValue<bool>() ?? false);
             return Done();
         });
@@ -45,6 +49,24 @@ public sealed class BitmapCommands(BlockGraph graph) : ICommandModule
             DirtyBitmapSet.Merge(target, sources);
             return Done();
         });
+    }
+
+    /// <summary>
+    /// QEMU asks the format whether it can store a new persistent bitmap before creating it: only
+    /// qcow2 can (its bitmaps extension), and its names are limited to 1023 bytes. The bitmaps are
+    /// written to the image by the persistence feature.
+    /// </summary>
+    private static void CheckCanStore(BlockNode node, string name)
+    {
+        if (node.DriverName != "qcow2")
+        {
+            throw new BlockException($"Can't store persistent bitmaps to {node.NodeName}: Operation not supported");
+        }
+        if (System.Text.Encoding.UTF8.GetByteCount(name) > DirtyBitmapSet.MaxNameBytes)
+        {
+            throw new BlockException($"Can't make bitmap '{name}' persistent in '{node.NodeName}': " +
+                $"Name length exceeds maximum ({DirtyBitmapSet.MaxNameBytes} characters)");
+        }
     }
 
     private static ValueTask<JsonNode?> Done() => ValueTask.FromResult<JsonNode?>(null);

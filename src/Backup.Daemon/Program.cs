@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using Backup.Block;
 using Backup.Daemon.CommandLine;
 using Backup.Daemon.Hosting;
@@ -50,6 +51,12 @@ internal static class Program
         }
 
         using var host = BuildHost(options);
+        // Signals count from the first moment, not only once the host runs: start-up binds sockets that a
+        // client (and its SIGTERM) may reach before then.
+        var lifetime = host.Services.GetRequiredService<IHostApplicationLifetime>();
+        using var sigterm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; lifetime.StopApplication(); });
+        using var sigint = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; lifetime.StopApplication(); });
+        using var sighup = PosixSignalRegistration.Create(PosixSignal.SIGHUP, c => { c.Cancel = true; lifetime.StopApplication(); });
         try
         {
             await host.Services.GetRequiredService<BackupDaemon>().InitializeAsync(CancellationToken.None).ConfigureAwait(false);
@@ -84,6 +91,7 @@ internal static class Program
         services.AddSingleton<ICommandModule, ControlCommands>();
         services.AddSingleton<ICommandModule, BlockCoreCommands>();
         services.AddSingleton<ICommandModule, BitmapCommands>();
+        services.AddSingleton<ICommandModule, QemuIoCommand>();
         services.AddSingleton(sp => new NbdServer(sp.GetRequiredService<BlockGraph>(),
             () => sp.GetRequiredService<IEventSink>(), sp.GetService<ILogger<NbdServer>>()));
         services.AddSingleton<ICommandModule, NbdCommands>();

@@ -49,7 +49,7 @@ public class ConcurrencyTests
         await using var d = await DaemonProcess.StartAsync([]);
         await RunClientAsync(d.QmpSocket, 0, 300); // warm-up (JIT)
         var sw = Stopwatch.StartNew();
-        await RunClientAsync(d.QmpSocket, 1, 2000);
+        await RunClientAsync(d.QmpSocket, 1, 5000);
         var alone = sw.Elapsed;
 
         using var stop = new CancellationTokenSource();
@@ -78,7 +78,7 @@ public class ConcurrencyTests
         });
         await Task.Delay(200);
         sw.Restart();
-        await RunClientAsync(d.QmpSocket, 2, 2000);
+        await RunClientAsync(d.QmpSocket, 2, 5000);
         var withGarbage = sw.Elapsed;
         await stop.CancelAsync();
         await Task.WhenAll(flood.ContinueWith(_ => { }, TaskScheduler.Default), drain.ContinueWith(_ => { }, TaskScheduler.Default));

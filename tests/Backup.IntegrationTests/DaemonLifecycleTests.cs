@@ -93,6 +93,11 @@ public class DaemonLifecycleTests
         await using var b = await QmpClient.ConnectAsync(second);
         (await a.ExecuteAsync("query-named-block-nodes"))["return"]!.AsArray().Should().ContainSingle();
         (await b.ExecuteAsync("query-named-block-nodes"))["return"]!.AsArray().Should().ContainSingle();
+        var deadline = DateTime.UtcNow.AddSeconds(10);
+        while (!d.Stderr.Contains("QMP listening on tcp:127.0.0.1:", StringComparison.Ordinal) && DateTime.UtcNow < deadline)
+        {
+            await Task.Delay(20); // stderr is collected asynchronously
+        }
         d.Stderr.Should().Contain("QMP listening on tcp:127.0.0.1:");
     }
 

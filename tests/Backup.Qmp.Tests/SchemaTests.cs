@@ -21,6 +21,7 @@ public class SchemaTests
         new ControlCommands(SchemaLoader.Default, VersionInfo.Current, new NoShutdown()),
         new BlockCoreCommands(BlockGraph.CreateDefault()),
         new BitmapCommands(BlockGraph.CreateDefault()),
+        new QemuIoCommand(BlockGraph.CreateDefault()),
         new Backup.Nbd.Commands.NbdCommands(new Backup.Nbd.Server.NbdServer(BlockGraph.CreateDefault(), new NullEvents())),
         new ObjectCommands(new ObjectRegistry()),
     ]);

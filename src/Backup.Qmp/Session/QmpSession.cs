@@ -35,6 +35,7 @@ public sealed class QmpSession : IDisposable
         FullMode = BoundedChannelFullMode.Wait,
     });
     private readonly CancellationTokenSource _closed = new();
+    private readonly ErrorBudget _malformedInput = new(perSecond: 1000);
     private volatile bool _negotiated;
 
     public QmpSession(Stream stream, QmpDispatcher dispatcher, ILogger logger, string peer)
@@ -157,6 +158,7 @@ public sealed class QmpSession : IDisposable
                         if (parseError is not null)
                         {
                             await ReplyAsync(Error(ErrorClass.GenericError, parseError, null), ct).ConfigureAwait(false);
+                            await _malformedInput.WaitAsync(ct).ConfigureAwait(false);
                         }
                         else
                         {
@@ -166,6 +168,7 @@ public sealed class QmpSession : IDisposable
                     }
                     buffer = buffer.Slice(consumed);
                     await ReplyAsync(Error(ErrorClass.GenericError, framer.LastError, null), ct).ConfigureAwait(false);
+                    await _malformedInput.WaitAsync(ct).ConfigureAwait(false);
                 }
                 if (result.IsCompleted)
                 {

@@ -79,107 +79,85 @@ public abstract class BlockNode : IAsyncDisposable
         }
     }
 
-    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    public async ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags = WriteFlags.None,
+    public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags = WriteFlags.None,
         CancellationToken cancellationToken = default)
     {
         CheckWritable();
         CheckRange(offset, data.Length);
         if (data.IsEmpty)
         {
-            return;
+            return ValueTask.CompletedTask;
         }
         if (DetectZeroes != DetectZeroesMode.Off && data.Span.IndexOfAnyExcept((byte)0) < 0)
         {
             var zflags = flags | (DetectZeroes == DetectZeroesMode.Unmap ? WriteFlags.MayUnmap : WriteFlags.None);
-            await WriteZeroesAsync(offset, data.Length, zflags, cancellationToken).ConfigureAwait(false);
-            return;
+            return WriteZeroesAsync(offset, data.Length, zflags, cancellationToken);
         }
-        var observers = Volatile.Read(ref _observers);
-        Interlocked.Increment(ref _inFlight);
-        try
-        {
-            foreach (var o in observers)
-            {
-                await o.BeforeWriteAsync(this, offset, data.Length, WriteKind.Write, cancellationToken).ConfigureAwait(false);
-            }
-            await WriteCoreAsync(offset, data, flags, cancellationToken).ConfigureAwait(false);
-        }
-        finally
-        {
-            Interlocked.Decrement(ref _inFlight);
-        }
-        foreach (var o in observers)
-        {
-            o.AfterWrite(this, offset, data.Length, WriteKind.Write);
-        }
+        return ModifyAsync(offset, data.Length, WriteKind.Write, (data, flags),
+            static (node, offset, s, ct) => node.WriteCoreAsync(offset, s.data, s.flags, ct), cancellationToken);
     }
 
-    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    public async ValueTask WriteZeroesAsync(long offset, long length, WriteFlags flags = WriteFlags.None,
+    public ValueTask WriteZeroesAsync(long offset, long length, WriteFlags flags = WriteFlags.None,
         CancellationToken cancellationToken = default)
     {
         CheckWritable();
         CheckRange(offset, length);
         if (length == 0)
         {
-            return;
+            return ValueTask.CompletedTask;
         }
         if (Discard == DiscardMode.Ignore)
         {
             // QEMU only lets write-zeroes unmap on nodes opened with discard=unmap.
             flags &= ~WriteFlags.MayUnmap;
         }
-        var observers = Volatile.Read(ref _observers);
-        Interlocked.Increment(ref _inFlight);
-        try
-        {
-            foreach (var o in observers)
-            {
-                await o.BeforeWriteAsync(this, offset, length, WriteKind.WriteZeroes, cancellationToken).ConfigureAwait(false);
-            }
-            await WriteZeroesCoreAsync(offset, length, flags, cancellationToken).ConfigureAwait(false);
-        }
-        finally
-        {
-            Interlocked.Decrement(ref _inFlight);
-        }
-        foreach (var o in observers)
-        {
-            o.AfterWrite(this, offset, length, WriteKind.WriteZeroes);
-        }
+        return ModifyAsync(offset, length, WriteKind.WriteZeroes, (length, flags),
+            static (node, offset, s, ct) => node.WriteZeroesCoreAsync(offset, s.length, s.flags, ct), cancellationToken);
     }
 
     /// <summary>
     /// Discards a range (a hint: the data becomes unspecified). Ignored on nodes opened with
     /// <c>discard=ignore</c>, the default, as in QEMU; then it changes nothing and dirties nothing.
     /// </summary>
-    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    public async ValueTask DiscardAsync(long offset, long length, CancellationToken cancellationToken = default)
+    public ValueTask DiscardAsync(long offset, long length, CancellationToken cancellationToken = default)
     {
         CheckWritable();
         CheckRange(offset, length);
         if (length == 0 || Discard == DiscardMode.Ignore)
         {
-            return;
+            return ValueTask.CompletedTask;
         }
+        return ModifyAsync(offset, length, WriteKind.Discard, length,
+            static (node, offset, length, ct) => node.DiscardCoreAsync(offset, length, ct), cancellationToken);
+    }
+
+    /// <summary>
+    /// The common path of every request that changes data: observers before (copy-before-write), the
+    /// driver, observers after (dirty bitmaps). A request counts as in flight until its observers have
+    /// seen it complete, so waiting for quiescence also waits for the bitmap marks. The state is passed
+    /// through a generic parameter and the driver call is a static lambda: no allocation per request.
+    /// </summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask ModifyAsync<TState>(long offset, long length, WriteKind kind, TState state,
+        Func<BlockNode, long, TState, CancellationToken, ValueTask> core, CancellationToken cancellationToken)
+    {
         var observers = Volatile.Read(ref _observers);
         Interlocked.Increment(ref _inFlight);
         try
         {
             foreach (var o in observers)
             {
-                await o.BeforeWriteAsync(this, offset, length, WriteKind.Discard, cancellationToken).ConfigureAwait(false);
+                await o.BeforeWriteAsync(this, offset, length, kind, cancellationToken).ConfigureAwait(false);
             }
-            await DiscardCoreAsync(offset, length, cancellationToken).ConfigureAwait(false);
+            await core(this, offset, state, cancellationToken).ConfigureAwait(false);
+            foreach (var o in observers)
+            {
+                o.AfterWrite(this, offset, length, kind);
+            }
         }
         finally
         {
             Interlocked.Decrement(ref _inFlight);
-        }
-        foreach (var o in observers)
-        {
-            o.AfterWrite(this, offset, length, WriteKind.Discard);
         }
     }
 

@@ -8,6 +8,7 @@ using Backup.Qmp;
 using Backup.Qmp.Commands;
 using Backup.Qmp.Schema;
 using Backup.Qmp.Server;
+using Backup.Qmp.Transactions;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Hosting.Internal;
@@ -90,7 +91,10 @@ internal static class Program
         services.AddSingleton<IShutdownRequester, HostShutdownRequester>();
         services.AddSingleton<ICommandModule, ControlCommands>();
         services.AddSingleton<ICommandModule, BlockCoreCommands>();
-        services.AddSingleton<ICommandModule, BitmapCommands>();
+        services.AddSingleton<BitmapCommands>();
+        services.AddSingleton<ICommandModule>(sp => sp.GetRequiredService<BitmapCommands>());
+        services.AddSingleton<ITransactionActionModule>(sp => sp.GetRequiredService<BitmapCommands>());
+        services.AddSingleton<ICommandModule, TransactionCommands>();
         services.AddSingleton<ICommandModule, QemuIoCommand>();
         services.AddSingleton(sp => new NbdServer(sp.GetRequiredService<BlockGraph>(),
             () => sp.GetRequiredService<IEventSink>(), sp.GetService<ILogger<NbdServer>>()));

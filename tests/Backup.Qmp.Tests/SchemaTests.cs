@@ -16,15 +16,30 @@ public class SchemaTests
         public void RequestShutdown(string reason) { }
     }
 
-    internal static QmpDispatcher Dispatcher() => new(SchemaLoader.Default,
+    internal static QmpDispatcher Dispatcher()
+    {
+        var graph = BlockGraph.CreateDefault();
+        var bitmaps = new BitmapCommands(graph);
+        return new(SchemaLoader.Default,
     [
+        bitmaps,
+        new Backup.Qmp.Transactions.TransactionCommands([bitmaps]),
         new ControlCommands(SchemaLoader.Default, VersionInfo.Current, new NoShutdown()),
         new BlockCoreCommands(BlockGraph.CreateDefault()),
-        new BitmapCommands(BlockGraph.CreateDefault()),
         new QemuIoCommand(BlockGraph.CreateDefault()),
         new Backup.Nbd.Commands.NbdCommands(new Backup.Nbd.Server.NbdServer(BlockGraph.CreateDefault(), new NullEvents())),
         new ObjectCommands(new ObjectRegistry()),
     ]);
+    }
+
+    [Fact]
+    public void Every_transaction_action_of_the_schema_is_implemented()
+    {
+        var bitmaps = new BitmapCommands(BlockGraph.CreateDefault());
+        var tx = new Backup.Qmp.Transactions.TransactionCommands([bitmaps]);
+        var kinds = ((EnumType)SchemaLoader.Default.Types["TransactionActionKind"]).Values;
+        tx.ActionTypes.Should().BeEquivalentTo(kinds);
+    }
 
     [Fact]
     public void Every_schema_command_has_a_handler_and_every_handler_a_schema_entry()

@@ -4,81 +4,38 @@ using Backup.Block.Bitmaps;
 
 namespace Backup.Qmp.Commands;
 
-/// <summary>block-dirty-bitmap-add/remove/clear/enable/disable/merge and x-debug-block-dirty-bitmap-sha256.</summary>
-public sealed class BitmapCommands(BlockGraph graph) : ICommandModule
+/// <summary>
+/// block-dirty-bitmap-add/remove/clear/enable/disable/merge and x-debug-block-dirty-bitmap-sha256.
+/// Each changing command is the same action a transaction runs (see <see cref="BitmapActions"/>),
+/// run as a transaction of one.
+/// </summary>
+public sealed class BitmapCommands(BlockGraph graph) : ICommandModule, Transactions.ITransactionActionModule
 {
+    private readonly BitmapActions _actions = new(graph);
+
     public void Register(CommandTable table)
     {
         ArgumentNullException.ThrowIfNull(table);
-        table.Add("block-dirty-bitmap-add", (args, _, _) =>
+        var individual = new Transactions.TransactionContext("individual");
+        foreach (var type in BitmapActions.Types)
         {
-            var name = args["name"]!.GetValue<string>();
-            DirtyBitmapSet.CheckNameNotEmpty(name);
-            var nodeName = args["node"]!.GetValue<string>();
-            var node = graph.Find(nodeName) ?? throw new BlockException($"Cannot find device='{nodeName}' nor node-name='{nodeName}'");
-            var granularity = args["granularity"]?.GetValue<long>();
-            if (granularity is { } g)
+            table.Add(type, async (args, _, ct) =>
             {
-                DirtyBitmapSet.CheckGranularity(g);
-            }
-            var persistent = args["persistent"]?.GetValue<bool>() ?? false;
-            if (persistent)
-            {
-                CheckCanStore(node, name);
-            }
-            node.GetDirtyBitmaps().Add(name, granularity, persistent,
-                args["disabled"]?.GetValue<bool>() ?? false);
-            return Done();
-        });
-        table.Add("block-dirty-bitmap-remove", (args, _, _) => { Set(args).Remove(Name(args)); return Done(); });
-        table.Add("block-dirty-bitmap-clear", (args, _, _) => { Set(args).Clear(Name(args)); return Done(); });
-        table.Add("block-dirty-bitmap-enable", (args, _, _) => { Set(args).Enable(Name(args)); return Done(); });
-        table.Add("block-dirty-bitmap-disable", (args, _, _) => { Set(args).Disable(Name(args)); return Done(); });
+                await Transactions.Transaction.RunAsync(_actions.Create(type, args, individual), ct).ConfigureAwait(false);
+                return null;
+            });
+        }
         table.Add("x-debug-block-dirty-bitmap-sha256", (args, _, _) =>
-            ValueTask.FromResult<JsonNode?>(new JsonObject { ["sha256"] = Set(args).Sha256(Name(args)) }));
-        table.Add("block-dirty-bitmap-merge", (args, _, _) =>
-        {
-            var target = Set(args).Get(args["target"]!.GetValue<string>());
-            var sources = new List<DirtyBitmap>();
-            foreach (var s in args["bitmaps"]!.AsArray())
-            {
-                sources.Add(s is JsonObject external
-                    ? Set(external).Get(Name(external))
-                    : Set(args).Get(s!.GetValue<string>()));
-            }
-            DirtyBitmapSet.Merge(target, sources);
-            return Done();
-        });
+            ValueTask.FromResult<JsonNode?>(new JsonObject { ["sha256"] = _actions.Set(args).Sha256(args["name"]!.GetValue<string>()) }));
     }
 
-    /// <summary>
-    /// QEMU asks the format whether it can store a new persistent bitmap before creating it: only
-    /// qcow2 can (its bitmaps extension), and its names are limited to 1023 bytes. The bitmaps are
-    /// written to the image by the persistence feature.
-    /// </summary>
-    private static void CheckCanStore(BlockNode node, string name)
+    public void Register(Transactions.TransactionActionTable table)
     {
-        if (node.DriverName != "qcow2")
+        ArgumentNullException.ThrowIfNull(table);
+        foreach (var type in BitmapActions.Types)
         {
-            throw new BlockException($"Can't store persistent bitmaps to {node.NodeName}: Operation not supported");
+            table.Add(type, (data, context) => _actions.Create(type, data, context));
         }
-        if (System.Text.Encoding.UTF8.GetByteCount(name) > DirtyBitmapSet.MaxNameBytes)
-        {
-            throw new BlockException($"Can't make bitmap '{name}' persistent in '{node.NodeName}': " +
-                $"Name length exceeds maximum ({DirtyBitmapSet.MaxNameBytes} characters)");
-        }
-    }
-
-    private static ValueTask<JsonNode?> Done() => ValueTask.FromResult<JsonNode?>(null);
-
-    private static string Name(JsonObject args) => args["name"]!.GetValue<string>();
-
-    /// <summary>The bitmaps of the node named by 'node'; these commands word an unknown node differently from add.</summary>
-    private DirtyBitmapSet Set(JsonObject args)
-    {
-        var nodeName = args["node"]!.GetValue<string>();
-        var node = graph.Find(nodeName) ?? throw new BlockException($"Node '{nodeName}' not found");
-        return node.GetDirtyBitmaps();
     }
 
     /// <summary>The dirty-bitmaps member of a node's query entry; null when it has none (QSD omits the key).</summary>

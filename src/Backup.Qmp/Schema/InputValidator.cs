@@ -43,7 +43,8 @@ public static class InputValidator
     /// <summary>QEMU names a list element itself 'null' (its members get 'list[i].member').</summary>
     private static string Name(string? path) => path is null || path.EndsWith(']') ? "null" : path;
 
-    private static string Child(string? path, string member) => path is null ? member : path + "." + member;
+    /// <summary>QEMU names the members of a list element by themselves ('type', not 'actions[0].type').</summary>
+    private static string Child(string? path, string member) => path is null || path.EndsWith(']') ? member : path + "." + member;
 
     private static BlockException TypeError(string? path, string expected) =>
         new($"Invalid parameter type for '{Name(path)}', expected: {expected}");

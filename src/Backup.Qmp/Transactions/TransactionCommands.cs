@@ -1,0 +1,62 @@
+using System.Text.Json.Nodes;
+using Backup.Block;
+using Backup.Qmp.Commands;
+
+namespace Backup.Qmp.Transactions;
+
+/// <summary>
+/// transaction: every action is prepared before any is committed; if one fails to prepare, the ones
+/// prepared are aborted and nothing is visible afterwards. Commands run one at a time, so a
+/// transaction is atomic with respect to every other command too.
+/// </summary>
+public sealed class TransactionCommands(IEnumerable<ITransactionActionModule> modules) : ICommandModule
+{
+    private readonly TransactionActionTable _table = Build(modules);
+
+    private static TransactionActionTable Build(IEnumerable<ITransactionActionModule> modules)
+    {
+        var t = new TransactionActionTable();
+        t.Add("abort", (_, _) => new AbortAction());
+        foreach (var m in modules)
+        {
+            m.Register(t);
+        }
+        return t;
+    }
+
+    public IReadOnlyCollection<string> ActionTypes => _table.Types;
+
+    public void Register(CommandTable table)
+    {
+        ArgumentNullException.ThrowIfNull(table);
+        table.Add("transaction", async (args, _, ct) =>
+        {
+            var context = new TransactionContext(args["properties"]?["completion-mode"]?.GetValue<string>() ?? "individual");
+            var actions = new List<ITransactionAction>();
+            foreach (var item in args["actions"]!.AsArray())
+            {
+                var type = item!["type"]!.GetValue<string>();
+                if (!_table.TryGet(type, out var factory))
+                {
+                    throw new InvalidOperationException($"transaction action '{type}' is in the schema but has no implementation");
+                }
+                actions.Add(factory(item["data"]!.AsObject(), context));
+            }
+            await Transaction.RunAsync(actions, ct).ConfigureAwait(false);
+            return null;
+        });
+    }
+
+    /// <summary>Always fails: lets a client test that a transaction rolls back.</summary>
+    private sealed class AbortAction : ITransactionAction
+    {
+        public ValueTask PrepareAsync(CancellationToken cancellationToken) =>
+            throw new BlockException("Transaction aborted using Abort action");
+
+        public void Commit() { }
+
+        public void Abort() { }
+
+        public void Clean() { }
+    }
+}

@@ -158,18 +158,20 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
 
     public void Emit(string name, IReadOnlyList<KeyValuePair<string, object?>> data)
     {
-        var now = DateTimeOffset.UtcNow;
-        var micros = now.ToUnixTimeMilliseconds() * 1000 + (now.Ticks % TimeSpan.TicksPerMillisecond) / 10;
-        var message = new JsonObject
+        ArgumentNullException.ThrowIfNull(data);
+        if (!_dispatcher.Schema.Events.ContainsKey(name))
         {
-            ["event"] = name,
-            ["data"] = JsonValues.From(data),
-            ["timestamp"] = new JsonObject { ["seconds"] = micros / 1_000_000, ["microseconds"] = micros % 1_000_000 },
-        };
-        if (data.Count == 0 && !_dispatcher.Schema.Events.TryGetValue(name, out _))
-        {
-            message.Remove("data");
+            // Every event a client can see is declared in schemas/; an undeclared one is a bug to fix there.
+            _logger.LogError("event {Event} is not declared in the schema", name);
         }
+        var now = DateTimeOffset.UtcNow;
+        var micros = (now - DateTimeOffset.UnixEpoch).Ticks / 10;
+        var message = new JsonObject { ["event"] = name };
+        if (data.Count > 0)
+        {
+            message["data"] = JsonValues.From(data);
+        }
+        message["timestamp"] = new JsonObject { ["seconds"] = micros / 1_000_000, ["microseconds"] = micros % 1_000_000 };
         var bytes = QmpSession.Serialize(message);
         QmpSession[] sessions;
         lock (_sessionsLock)

@@ -226,7 +226,7 @@ public sealed class BackupJob : Job, IWriteObserver
                     }
                     break;
                 }
-                catch (Exception ex) when (fromJob && ex is IOException or BlockException)
+                catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
                 {
                     await HandleErrorAsync(ex, isRead: true, _s.OnSourceError).ConfigureAwait(false);
                 }
@@ -245,7 +245,7 @@ public sealed class BackupJob : Job, IWriteObserver
                     }
                     break;
                 }
-                catch (Exception ex) when (fromJob && ex is IOException or BlockException)
+                catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
                 {
                     await HandleErrorAsync(ex, isRead: false, _s.OnTargetError).ConfigureAwait(false);
                 }

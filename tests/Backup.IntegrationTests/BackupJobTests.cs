@@ -234,4 +234,39 @@ public sealed class BackupJobTests : IAsyncLifetime
         del["error"]!["desc"]!.GetValue<string>().Should().Be("Node 'ti' is busy: block device is in use by block job: backup");
         await ExecuteOkAsync("blockdev-del", new JsonObject { ["node-name"] = "ti" });
     }
+
+    [Fact]
+    public async Task Injected_target_error_fails_the_job_keeps_the_bitmap_and_a_retry_covers_everything()
+    {
+        await ExecuteOkAsync("block-dirty-bitmap-add", new { node = "drive0", name = "b0" });
+        await GuestWriteAsync(0x81, 0, 2 * MiB);
+        await RunAsync("qemu-img", "create", "-q", "-f", "qcow2", Path.Combine(_dir, "bad.qcow2"), "64M");
+        await ExecuteOkAsync("blockdev-add", JsonNode.Parse($$$"""
+            {"driver": "qcow2", "node-name": "tbad", "file": {"driver": "blkdebug",
+             "image": {"driver": "file", "filename": "{{{Path.Combine(_dir, "bad.qcow2")}}}"},
+             "inject-error": [{"event": "write_aio", "iotype": "write", "errno": 28}]}}
+            """)!);
+        await ExecuteOkAsync("blockdev-backup", new JsonObject
+        {
+            ["job-id"] = "j1", ["device"] = "drive0", ["target"] = "tbad", ["sync"] = "incremental", ["bitmap"] = "b0",
+        });
+        var events = await JobEventsAsync("j1");
+        Sequence(events).Should().Be("created running BLOCK_JOB_ERROR aborting BLOCK_JOB_COMPLETED concluded null");
+        var error = events.Single(e => e["event"]!.GetValue<string>() == "BLOCK_JOB_ERROR")["data"]!;
+        error["operation"]!.GetValue<string>().Should().Be("write");
+        error["action"]!.GetValue<string>().Should().Be("report");
+        events.Single(e => e["event"]!.GetValue<string>() == "BLOCK_JOB_COMPLETED")["data"]!["error"]!.GetValue<string>()
+            .Should().Be("No space left on device");
+        (await BitmapCountAsync()).Should().Be(2 * MiB);
+
+        var snap = await SnapshotAsync();
+        var retry = Path.Combine(_dir, "retry.qcow2");
+        await ExecuteOkAsync("drive-backup", new JsonObject
+        {
+            ["job-id"] = "j2", ["device"] = "drive0", ["sync"] = "incremental", ["bitmap"] = "b0",
+            ["target"] = retry, ["format"] = "qcow2",
+        });
+        Sequence(await JobEventsAsync("j2")).Should().EndWith("BLOCK_JOB_COMPLETED concluded null");
+        await CompareAsync(retry, snap);
+    }
 }

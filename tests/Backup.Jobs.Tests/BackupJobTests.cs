@@ -140,4 +140,44 @@ public class BackupJobTests
         await Done();
         tgt.BusyReason.Should().BeNull();
     }
+
+    [Fact]
+    public async Task On_target_error_stop_pauses_and_resume_retries()
+    {
+        var src = new ByteNode(2 * MiB, "src");
+        await Fill(src, 0, 2 * MiB, 0x79);
+        var tgt = new ByteNode(2 * MiB, "tgt") { FailWrites = 28 };
+        var job = new BackupJob(_jobs, new JobSettings("j1"), new BackupSettings
+        {
+            Source = src, Target = tgt, Sync = BackupSyncMode.Full, OnTargetError = "enospc",
+        });
+        _jobs.Start(job);
+        await _log.WaitForAsync(l => l.Sequence("j1").EndsWith("paused", StringComparison.Ordinal));
+        _log.Value("BLOCK_JOB_ERROR", "action").Should().Be("stop");
+        job.IoStatus.Should().Be("nospace");
+        job.UserPaused.Should().BeTrue();
+        tgt.FailWrites = 0;
+        job.Resume();
+        await Done();
+        _log.Sequence("j1").Should().Be("created running BLOCK_JOB_ERROR paused running waiting pending BLOCK_JOB_COMPLETED concluded null");
+        tgt.Snapshot().Should().Equal(src.Snapshot());
+    }
+
+    [Fact]
+    public async Task Sync_none_copies_only_what_the_guest_overwrites()
+    {
+        var src = new ByteNode(4 * MiB, "src");
+        await Fill(src, 0, 4 * MiB, 0x5a);
+        var tgt = new ByteNode(4 * MiB, "tgt");
+        var job = Start(src, tgt, BackupSyncMode.None);
+        await Fill(src, MiB + 100, 10, 0x01);
+        await Fill(src, MiB + 200, 10, 0x02);
+        var t = tgt.Snapshot();
+        t.AsSpan(MiB, 65536).ToArray().Should().OnlyContain(b => b == 0x5a);
+        t.AsSpan(0, MiB).ToArray().Should().OnlyContain(b => b == 0);
+        t.AsSpan(MiB + 65536).ToArray().Should().OnlyContain(b => b == 0);
+        job.ProgressCurrent.Should().Be(65536);
+        job.Cancel(force: true);
+        await Done();
+    }
 }

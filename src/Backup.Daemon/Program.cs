@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using Backup.Block;
 using Backup.Daemon.CommandLine;
 using Backup.Daemon.Hosting;
@@ -52,6 +53,16 @@ internal static class Program
         }
 
         using var host = BuildHost(options);
+        // The QMP socket exists before the host's console lifetime handles SIGTERM/SIGINT: a signal in
+        // between is held here and turned into a clean stop once the host has started.
+        var early = 0;
+        var earlySignals = new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT }
+            .Select(sig => PosixSignalRegistration.Create(sig, ctx =>
+            {
+                ctx.Cancel = true;
+                Interlocked.Exchange(ref early, 1);
+            }))
+            .ToList();
         try
         {
             await host.Services.GetRequiredService<BackupDaemon>().InitializeAsync(CancellationToken.None).ConfigureAwait(false);
@@ -61,6 +72,14 @@ internal static class Program
         {
             await Console.Error.WriteLineAsync("backupd: " + e.Message).ConfigureAwait(false);
             return 1;
+        }
+        finally
+        {
+            earlySignals.ForEach(r => r.Dispose());
+        }
+        if (Volatile.Read(ref early) != 0)
+        {
+            host.Services.GetRequiredService<IHostApplicationLifetime>().StopApplication();
         }
         await host.WaitForShutdownAsync().ConfigureAwait(false);
         return 0;

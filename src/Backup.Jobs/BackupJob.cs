@@ -23,6 +23,8 @@ public sealed record BackupSettings
     public string OnSourceError { get; init; } = "report";
     public string OnTargetError { get; init; } = "report";
     public int MaxChunk { get; init; }
+    /// <summary>Parallel copies of the job (x-perf max-workers); 0 for the default.</summary>
+    public int MaxWorkers { get; init; }
     /// <summary>Called once the job no longer uses the target (drive-backup closes the node it opened).</summary>
     public Func<ValueTask>? ReleaseTarget { get; init; }
 }
@@ -34,7 +36,9 @@ public sealed record BackupSettings
 /// on the source copies the old data of a chunk to the target before a guest write changes it
 /// (copy-before-write), so the target is the source as it was when the job started. The job walks the
 /// copy bitmap (except for none, which only serves copy-before-write until cancelled); zero chunks go
-/// to the target as write-zeroes. One async lock serialises copies, so a chunk is copied exactly once.
+/// to the target as write-zeroes. A copy claims its clusters (clears their bits) under a lock and records them in flight; a guest
+/// write to a claimed cluster waits for that copy, so each cluster is copied exactly once, by up to
+/// eight copies in parallel.
 /// </summary>
 // CA1001: the SemaphoreSlim's wait handle is never created, so there is nothing to dispose.
 #pragma warning disable CA1001
@@ -43,13 +47,20 @@ public sealed class BackupJob : Job, IWriteObserver
 {
     public const string BusyReason = "block device is in use by block job: backup";
     private const int DefaultChunk = 1 << 20;
+    private const int DefaultWorkers = 8;
 
     private readonly BackupSettings _s;
     private readonly DirtyBitmap _copyBitmap;
     private readonly HBitmap _copy;
     private readonly long _cluster;
     private readonly int _maxChunk;
-    private readonly SemaphoreSlim _copyLock = new(1, 1);
+    private readonly int _workers;
+    private readonly Lock _claim = new();
+    private readonly List<InFlight> _inFlight = [];
+    private int _inFlightCount;
+    private readonly SemaphoreSlim _errorGate = new(1, 1);
+    private int _errorEpoch;
+    private bool _failed;
     private readonly IDisposable _targetUser;
     private volatile bool _cbwOff;
     private bool _cleaned;
@@ -61,6 +72,7 @@ public sealed class BackupJob : Job, IWriteObserver
         _cluster = ClusterSize(backup.Target);
         _maxChunk = (int)Math.Max(_cluster, backup.MaxChunk > 0 ? Math.Min(backup.MaxChunk, 64 << 20) : DefaultChunk);
         _maxChunk -= (int)(_maxChunk % _cluster);
+        _workers = backup.MaxWorkers > 0 ? Math.Min(backup.MaxWorkers, DefaultWorkers) : DefaultWorkers;
         var set = backup.Source.GetDirtyBitmaps();
         if (backup.Bitmap is { } bitmap)
         {
@@ -114,17 +126,48 @@ public sealed class BackupJob : Job, IWriteObserver
         }
         var offset = 0L;
         var length = _s.Source.Length;
-        while (offset < length)
+        var running = new List<Task<long>>();
+        try
         {
-            var extent = _copy.NextDirtyExtent(offset, length - offset);
-            if (extent is not { } e)
+            while (true)
             {
-                break;
+                await PausePointAsync().ConfigureAwait(false);
+                var extent = offset < length ? _copy.NextDirtyExtent(offset, length - offset) : null;
+                if (extent is { } e && running.Count < _workers)
+                {
+                    var end = Math.Min(e.End, Math.Min(length, e.Offset + _maxChunk));
+                    running.Add(CopyAsync(e.Offset, end, fromJob: true).AsTask());
+                    offset = end;
+                    continue;
+                }
+                if (running.Count == 0)
+                {
+                    // Copies that failed and were retried by a guest write may have put bits back.
+                    if (_copy.NextDirty(0, length) >= 0)
+                    {
+                        offset = 0;
+                        continue;
+                    }
+                    break;
+                }
+                var done = await Task.WhenAny(running).ConfigureAwait(false);
+                running.Remove(done);
+                var copied = await done.ConfigureAwait(false);
+                await RateLimitAsync(copied).ConfigureAwait(false);
             }
-            var end = Math.Min(e.End, Math.Min(length, e.Offset + _maxChunk));
-            var copied = await CopyAsync(e.Offset, end, fromJob: true).ConfigureAwait(false);
-            offset = end;
-            await RateLimitAsync(copied).ConfigureAwait(false);
+        }
+        finally
+        {
+            // Let the copies in flight end before the job reports anything.
+            try
+            {
+                await Task.WhenAll(running).ConfigureAwait(false);
+            }
+#pragma warning disable CA1031 // The first failure is the one reported; the others only need to end.
+            catch (Exception)
+#pragma warning restore CA1031
+            {
+            }
         }
     }
 
@@ -144,14 +187,10 @@ public sealed class BackupJob : Job, IWriteObserver
                 var end = n == length - pos ? RoundUp(pos + n, _cluster) : (pos + n) / _cluster * _cluster;
                 if (end > start)
                 {
-                    await _copyLock.WaitAsync().ConfigureAwait(false);
-                    try
+                    lock (_claim)
                     {
+                        // Only what no copy has claimed yet: claimed clusters are already clear.
                         _copy.Reset(start, end - start);
-                    }
-                    finally
-                    {
-                        _copyLock.Release();
                     }
                 }
             }
@@ -162,44 +201,108 @@ public sealed class BackupJob : Job, IWriteObserver
 
     private static long RoundUp(long v, long a) => (v + a - 1) / a * a;
 
-    /// <summary>Copies the still-dirty clusters of [start, end) (cluster-aligned start); returns the bytes copied.</summary>
+    /// <summary>A run of clusters being copied: its bits are already clear; writers to it wait for <see cref="Done"/>.</summary>
+    private sealed class InFlight(long start, long end)
+    {
+        public long Start { get; } = start;
+        public long End { get; } = end;
+        public TaskCompletionSource Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+
+    /// <summary>
+    /// Copies the still-dirty clusters of [start, end) (cluster-aligned start): claims them (clears their
+    /// bits, records them in flight), copies, and waits for copies of the range others have in flight.
+    /// A failed copy puts its bits back. Returns the bytes this call copied.
+    /// </summary>
     private async ValueTask<long> CopyAsync(long start, long end, bool fromJob)
     {
-        await _copyLock.WaitAsync().ConfigureAwait(false);
-        try
+        var total = 0L;
+        while (true)
         {
-            if (!fromJob && _cbwOff)
+            var mine = new List<InFlight>();
+            List<Task> others;
+            lock (_claim)
             {
-                return 0;
-            }
-            var total = 0L;
-            var pos = start;
-            while (pos < end)
-            {
-                if (_copy.NextDirtyExtent(pos, end - pos) is not { } e)
+                if (!fromJob && _cbwOff)
                 {
-                    break;
+                    return total;
                 }
-                await CopyExtentAsync(e.Offset, e.End, fromJob).ConfigureAwait(false);
-                _copy.Reset(e.Offset, e.Length);
-                var bytes = Math.Min(e.End, _s.Source.Length) - e.Offset;
-                AddProgress(bytes);
-                total += bytes;
-                pos = e.End;
+                others = [.. _inFlight.Where(f => f.Start < end && f.End > start).Select(f => f.Done.Task)];
+                var pos = start;
+                while (pos < end && _copy.NextDirtyExtent(pos, end - pos) is { } e)
+                {
+                    var f = new InFlight(e.Offset, e.End);
+                    _inFlight.Add(f);
+                    Volatile.Write(ref _inFlightCount, _inFlight.Count);
+                    _copy.Reset(e.Offset, e.Length);
+                    mine.Add(f);
+                    pos = e.End;
+                }
             }
-            return total;
+            var i = 0;
+            try
+            {
+                for (; i < mine.Count; i++)
+                {
+                    var f = mine[i];
+                    await CopyExtentAsync(f.Start, f.End, fromJob).ConfigureAwait(false);
+                    var bytes = Math.Min(f.End, _s.Source.Length) - f.Start;
+                    AddProgress(bytes);
+                    total += bytes;
+                    Release(f, copied: true);
+                }
+            }
+            finally
+            {
+                for (; i < mine.Count; i++)
+                {
+                    Release(mine[i], copied: false);
+                }
+            }
+            if (others.Count == 0)
+            {
+                return total;
+            }
+            await Task.WhenAll(others).ConfigureAwait(false);
+            if (fromJob)
+            {
+                return total;
+            }
+            // A guest write: check again, another copy of the range may have failed.
         }
-        finally
+    }
+
+    private void Release(InFlight f, bool copied)
+    {
+        lock (_claim)
         {
-            _copyLock.Release();
+            if (!copied)
+            {
+                _copy.Set(f.Start, f.End - f.Start);
+            }
+            _inFlight.Remove(f);
+            Volatile.Write(ref _inFlightCount, _inFlight.Count);
         }
+        f.Done.TrySetResult();
     }
 
     private async ValueTask CopyExtentAsync(long start, long end, bool fromJob)
     {
         var length = _s.Source.Length;
         end = Math.Min(end, length);
-        var buffer = new byte[Math.Min(_maxChunk, end - start)];
+        var rented = System.Buffers.ArrayPool<byte>.Shared.Rent((int)Math.Min(_maxChunk, end - start));
+        try
+        {
+            await CopyExtentCoreAsync(start, end, length, rented, fromJob).ConfigureAwait(false);
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<byte>.Shared.Return(rented);
+        }
+    }
+
+    private async ValueTask CopyExtentCoreAsync(long start, long end, long length, byte[] buffer, bool fromJob)
+    {
         var pos = start;
         while (pos < end)
         {
@@ -209,6 +312,7 @@ public sealed class BackupJob : Job, IWriteObserver
             bool zero;
             while (true)
             {
+                var epoch = Volatile.Read(ref _errorEpoch);
                 try
                 {
                     st = await _s.Source.GetBlockStatusAsync(pos, max).ConfigureAwait(false);
@@ -228,11 +332,12 @@ public sealed class BackupJob : Job, IWriteObserver
                 }
                 catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
                 {
-                    await HandleErrorAsync(ex, isRead: true, _s.OnSourceError).ConfigureAwait(false);
+                    await OnErrorAsync(ex, isRead: true, epoch).ConfigureAwait(false);
                 }
             }
             while (true)
             {
+                var epoch = Volatile.Read(ref _errorEpoch);
                 try
                 {
                     if (zero)
@@ -247,19 +352,58 @@ public sealed class BackupJob : Job, IWriteObserver
                 }
                 catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
                 {
-                    await HandleErrorAsync(ex, isRead: false, _s.OnTargetError).ConfigureAwait(false);
+                    await OnErrorAsync(ex, isRead: false, epoch).ConfigureAwait(false);
                 }
             }
             pos += n;
         }
     }
 
+    /// <summary>
+    /// One error policy decision at a time, as QEMU's single job coroutine makes: parallel copies that
+    /// fail together produce one BLOCK_JOB_ERROR. A copy whose error was met before another copy's
+    /// error was handled (the epoch moved) just retries; after a reported error, every copy fails.
+    /// </summary>
+    private async ValueTask OnErrorAsync(Exception error, bool isRead, int epoch)
+    {
+        await _errorGate.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            if (_failed)
+            {
+                throw new JobFailedException(Describe(error), error);
+            }
+            if (Volatile.Read(ref _errorEpoch) != epoch)
+            {
+                return;
+            }
+            try
+            {
+                await HandleErrorAsync(error, isRead, isRead ? _s.OnSourceError : _s.OnTargetError).ConfigureAwait(false);
+            }
+            catch (JobFailedException)
+            {
+                _failed = true;
+                throw;
+            }
+            Interlocked.Increment(ref _errorEpoch);
+        }
+        finally
+        {
+            _errorGate.Release();
+        }
+    }
+
     protected override async ValueTask AfterRunAsync()
     {
         // No copy-before-write from now on; wait for one in flight.
-        _cbwOff = true;
-        await _copyLock.WaitAsync().ConfigureAwait(false);
-        _copyLock.Release();
+        Task[] pending;
+        lock (_claim)
+        {
+            _cbwOff = true;
+            pending = [.. _inFlight.Select(f => f.Done.Task)];
+        }
+        await Task.WhenAll(pending).ConfigureAwait(false);
         _s.Source.RemoveWriteObserver(this);
     }
 
@@ -305,7 +449,8 @@ public sealed class BackupJob : Job, IWriteObserver
             return ValueTask.CompletedTask;
         }
         var end = Math.Min(RoundUp(offset + length, _cluster), _copy.Size);
-        if (offset >= end || _copy.NextDirty(offset, end - offset) < 0)
+        // Bits are cleared when a copy claims them, before it is done: also look at copies in flight.
+        if (offset >= end || (_copy.NextDirty(offset, end - offset) < 0 && Volatile.Read(ref _inFlightCount) == 0))
         {
             return ValueTask.CompletedTask;
         }

@@ -202,6 +202,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             OnSourceError = r.OnSourceError ?? "report",
             OnTargetError = r.OnTargetError ?? "report",
             MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
+            MaxWorkers = (int)Math.Min(r.MaxWorkers ?? 0, int.MaxValue),
             ReleaseTarget = release,
         });
         jobs.Start(job);

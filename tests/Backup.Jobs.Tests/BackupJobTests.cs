@@ -180,4 +180,17 @@ public class BackupJobTests
         job.Cancel(force: true);
         await Done();
     }
+
+    [Fact]
+    public async Task Parallel_copies_failing_together_report_one_error()
+    {
+        var src = new ByteNode(16 * MiB, "src");
+        await Fill(src, 0, 16 * MiB, 0x7a);
+        var tgt = new ByteNode(16 * MiB, "tgt") { FailWrites = 5 };
+        Start(src, tgt, BackupSyncMode.Full);
+        await Done();
+        _log.Sequence("j1").Should().Be("created running BLOCK_JOB_ERROR aborting BLOCK_JOB_COMPLETED concluded null");
+        _log.Value("BLOCK_JOB_COMPLETED", "error").Should().Be("Input/output error");
+        _jobs.Jobs.Should().BeEmpty();
+    }
 }

@@ -301,32 +301,31 @@ public sealed class BackupJob : Job, IWriteObserver
         }
     }
 
+    /// <summary>
+    /// Copies [start, end) in chunks: a chunk the source reports as zeros (whole clusters) becomes one
+    /// write-zeroes without reading; otherwise the chunk is read at once and written as runs of data
+    /// clusters and runs of all-zero clusters (write-zeroes), so the target gets zero clusters, not data.
+    /// </summary>
     private async ValueTask CopyExtentCoreAsync(long start, long end, long length, byte[] buffer, bool fromJob)
     {
         var pos = start;
         while (pos < end)
         {
-            var max = Math.Min(end - pos, _maxChunk);
-            BlockStatus st;
-            int n;
-            bool zero;
+            var max = (int)Math.Min(end - pos, _maxChunk);
+            var zeroRun = 0L;
             while (true)
             {
                 var epoch = Volatile.Read(ref _errorEpoch);
                 try
                 {
-                    st = await _s.Source.GetBlockStatusAsync(pos, max).ConfigureAwait(false);
+                    var st = await _s.Source.GetBlockStatusAsync(pos, max).ConfigureAwait(false);
                     if (st.IsZero && (st.Length >= _cluster || pos + st.Length >= length))
                     {
-                        n = (int)(pos + st.Length >= end ? end - pos : st.Length / _cluster * _cluster);
-                        zero = true;
+                        zeroRun = pos + st.Length >= end ? end - pos : st.Length / _cluster * _cluster;
                     }
                     else
                     {
-                        var want = st.IsZero || st.Length <= 0 ? _cluster : RoundUp(st.Length, _cluster);
-                        n = (int)Math.Min(max, want);
-                        await _s.Source.ReadAsync(pos, buffer.AsMemory(0, n)).ConfigureAwait(false);
-                        zero = buffer.AsSpan(0, n).IndexOfAnyExcept((byte)0) < 0;
+                        await _s.Source.ReadAsync(pos, buffer.AsMemory(0, max)).ConfigureAwait(false);
                     }
                     break;
                 }
@@ -335,27 +334,53 @@ public sealed class BackupJob : Job, IWriteObserver
                     await OnErrorAsync(ex, isRead: true, epoch).ConfigureAwait(false);
                 }
             }
-            while (true)
+            if (zeroRun > 0)
             {
-                var epoch = Volatile.Read(ref _errorEpoch);
-                try
-                {
-                    if (zero)
-                    {
-                        await _s.Target.WriteZeroesAsync(pos, n).ConfigureAwait(false);
-                    }
-                    else
-                    {
-                        await _s.Target.WriteAsync(pos, buffer.AsMemory(0, n)).ConfigureAwait(false);
-                    }
-                    break;
-                }
-                catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
-                {
-                    await OnErrorAsync(ex, isRead: false, epoch).ConfigureAwait(false);
-                }
+                await WriteTargetAsync(pos, null, zeroRun, fromJob).ConfigureAwait(false);
+                pos += zeroRun;
+                continue;
             }
-            pos += n;
+            var i = 0;
+            while (i < max)
+            {
+                var zero = IsZero(buffer, i, max);
+                var j = i + (int)Math.Min(_cluster, max - i);
+                while (j < max && IsZero(buffer, j, max) == zero)
+                {
+                    j += (int)Math.Min(_cluster, max - j);
+                }
+                await WriteTargetAsync(pos + i, zero ? null : buffer.AsMemory(i, j - i), j - i, fromJob).ConfigureAwait(false);
+                i = j;
+            }
+            pos += max;
+        }
+    }
+
+    private bool IsZero(byte[] buffer, int offset, int limit) =>
+        buffer.AsSpan(offset, (int)Math.Min(_cluster, limit - offset)).IndexOfAnyExcept((byte)0) < 0;
+
+    /// <summary>Writes data (or zeros when <paramref name="data"/> is null) to the target under the error policy.</summary>
+    private async ValueTask WriteTargetAsync(long offset, ReadOnlyMemory<byte>? data, long length, bool fromJob)
+    {
+        while (true)
+        {
+            var epoch = Volatile.Read(ref _errorEpoch);
+            try
+            {
+                if (data is { } d)
+                {
+                    await _s.Target.WriteAsync(offset, d).ConfigureAwait(false);
+                }
+                else
+                {
+                    await _s.Target.WriteZeroesAsync(offset, length).ConfigureAwait(false);
+                }
+                return;
+            }
+            catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
+            {
+                await OnErrorAsync(ex, isRead: false, epoch).ConfigureAwait(false);
+            }
         }
     }
 

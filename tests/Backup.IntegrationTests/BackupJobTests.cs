@@ -269,4 +269,21 @@ public sealed class BackupJobTests : IAsyncLifetime
         Sequence(await JobEventsAsync("j2")).Should().EndWith("BLOCK_JOB_COMPLETED concluded null");
         await CompareAsync(retry, snap);
     }
+
+    [Fact]
+    public async Task Quit_during_a_backup_cancels_it_and_restores_the_bitmap_cleanly()
+    {
+        await ExecuteOkAsync("block-dirty-bitmap-add", new { node = "drive0", name = "b0" });
+        await GuestWriteAsync(0x91, 0, 8 * MiB);
+        await ExecuteOkAsync("drive-backup", new JsonObject
+        {
+            ["job-id"] = "j1", ["device"] = "drive0", ["sync"] = "incremental", ["bitmap"] = "b0",
+            ["target"] = Path.Combine(_dir, "t.qcow2"), ["format"] = "qcow2", ["speed"] = MiB,
+        });
+        await ExecuteOkAsync("quit", new JsonObject());
+        (await _daemon!.WaitForExitAsync(TimeSpan.FromSeconds(30))).Should().Be(0);
+        _daemon.Stderr.Should().NotContain("[ERR]").And.NotContain("Unhandled");
+        await RunAsync("qemu-img", "check", "-q", Path.Combine(_dir, "t.qcow2"));
+        await RunAsync("qemu-img", "check", "-q", Path.Combine(_dir, "disk.qcow2"));
+    }
 }

@@ -107,6 +107,30 @@ public sealed class BlockGraph
     }
 
     /// <summary>
+    /// Opens a node the daemon itself owns (drive-backup's target): a generated name unless the options
+    /// carry one, not deletable with blockdev-del. Close it with <see cref="ReleaseAsync"/>.
+    /// </summary>
+    public ValueTask<BlockNode> OpenOwnedAsync(BlockOptions options, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        return OpenAsync(options, inherited: null, cancellationToken);
+    }
+
+    /// <summary>Closes a node opened with <see cref="OpenOwnedAsync"/> once nothing holds it, with its inline children.</summary>
+    public async ValueTask ReleaseAsync(BlockNode node)
+    {
+        ArgumentNullException.ThrowIfNull(node);
+        lock (_lock)
+        {
+            if (!_parents.TryGetValue(node, out var parents) || parents.Count > 0 || _userAdded.Contains(node))
+            {
+                return;
+            }
+        }
+        await DetachAsync(node).ConfigureAwait(false);
+    }
+
+    /// <summary>
     /// Opens the child <paramref name="key"/> of a node being opened: a reference to an existing node by
     /// name, or nested options for a new node that inherits the parent's read-only and cache settings.
     /// Returns null when the key is absent and not <paramref name="required"/>.

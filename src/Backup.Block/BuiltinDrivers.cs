@@ -11,5 +11,6 @@ public static class BuiltinDrivers
         new FileDriver(),
         new RawDriver(),
         new Drivers.Qcow2.Qcow2Driver(),
+        new Drivers.Blkdebug.BlkdebugDriver(),
     ];
 }

@@ -2,6 +2,8 @@ using System.Runtime.InteropServices;
 using Backup.Block;
 using Backup.Daemon.CommandLine;
 using Backup.Daemon.Hosting;
+using Backup.Jobs;
+using Backup.Jobs.Commands;
 using Backup.Nbd.Commands;
 using Backup.Nbd.Server;
 using Backup.Qmp;
@@ -100,6 +102,10 @@ internal static class Program
             () => sp.GetRequiredService<IEventSink>(), sp.GetService<ILogger<NbdServer>>()));
         services.AddSingleton<ICommandModule, NbdCommands>();
         services.AddSingleton<ICommandModule, ObjectCommands>();
+        services.AddSingleton(sp => new JobManager(() => sp.GetRequiredService<IEventSink>()));
+        services.AddSingleton<BackupStarter>();
+        services.AddSingleton<ICommandModule, JobCommands>();
+        services.AddSingleton<ICommandModule, BackupCommands>();
         services.AddSingleton<QmpDispatcher>();
         services.AddSingleton(sp => new QmpServer(sp.GetRequiredService<QmpDispatcher>(), sp.GetRequiredService<VersionInfo>(),
             sp.GetRequiredService<ILoggerFactory>().CreateLogger("Backup.Qmp")));

@@ -29,6 +29,9 @@ public class SchemaTests
         new QemuIoCommand(BlockGraph.CreateDefault()),
         new Backup.Nbd.Commands.NbdCommands(new Backup.Nbd.Server.NbdServer(BlockGraph.CreateDefault(), new NullEvents())),
         new ObjectCommands(new ObjectRegistry()),
+        new Backup.Jobs.Commands.JobCommands(new Backup.Jobs.JobManager(() => new NullEvents())),
+        new Backup.Jobs.Commands.BackupCommands(new Backup.Jobs.BackupStarter(BlockGraph.CreateDefault(),
+            new Backup.Jobs.JobManager(() => new NullEvents()))),
     ]);
     }
 

@@ -33,6 +33,7 @@ public sealed class BackupDaemon(
     QmpDispatcher dispatcher,
     QmpServer server,
     NbdServer nbd,
+    Backup.Jobs.JobManager jobs,
     DemoSetup demo,
     ReadinessReporter readiness,
     ILogger<BackupDaemon> logger) : IHostedService
@@ -111,6 +112,8 @@ public sealed class BackupDaemon(
     {
         await server.StopAsync().ConfigureAwait(false);
         await nbd.StopAsync().ConfigureAwait(false);
+        // Jobs end (cancelled, their bitmaps restored) before the nodes they use are closed.
+        await jobs.CancelAllAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
         try
         {
             await graph.CloseAllAsync().ConfigureAwait(false);

@@ -1,0 +1,489 @@
+using Backup.Block;
+using Backup.Block.Bitmaps;
+
+namespace Backup.Jobs;
+
+/// <summary>What a backup copies (QAPI MirrorSyncMode after desugaring incremental and differential to bitmap).</summary>
+public enum BackupSyncMode
+{
+    Full,
+    Top,
+    None,
+    Bitmap,
+}
+
+/// <summary>Everything a backup job needs, already checked by <see cref="BackupStarter"/>.</summary>
+public sealed record BackupSettings
+{
+    public required BlockNode Source { get; init; }
+    public required BlockNode Target { get; init; }
+    public required BackupSyncMode Sync { get; init; }
+    public DirtyBitmap? Bitmap { get; init; }
+    public BitmapSyncMode BitmapMode { get; init; }
+    public string OnSourceError { get; init; } = "report";
+    public string OnTargetError { get; init; } = "report";
+    public int MaxChunk { get; init; }
+    /// <summary>Parallel copies of the job (x-perf max-workers); 0 for the default.</summary>
+    public int MaxWorkers { get; init; }
+    /// <summary>Called once the job no longer uses the target (drive-backup closes the node it opened).</summary>
+    public Func<ValueTask>? ReleaseTarget { get; init; }
+}
+
+/// <summary>
+/// QEMU's backup job. At creation the sync bitmap (if any) is frozen and a copy bitmap (anonymous,
+/// one bit per cluster of max(64 KiB, target cluster)) says what is still to copy: everything (full,
+/// none), the frozen bitmap's bits (bitmap), or what the top layer allocates (top). A write observer
+/// on the source copies the old data of a chunk to the target before a guest write changes it
+/// (copy-before-write), so the target is the source as it was when the job started. The job walks the
+/// copy bitmap (except for none, which only serves copy-before-write until cancelled); zero chunks go
+/// to the target as write-zeroes. A copy claims its clusters (clears their bits) under a lock and records them in flight; a guest
+/// write to a claimed cluster waits for that copy, so each cluster is copied exactly once, by up to
+/// eight copies in parallel.
+/// </summary>
+// CA1001: the SemaphoreSlim's wait handle is never created, so there is nothing to dispose.
+#pragma warning disable CA1001
+public sealed class BackupJob : Job, IWriteObserver
+#pragma warning restore CA1001
+{
+    public const string BusyReason = "block device is in use by block job: backup";
+    private const int DefaultChunk = 1 << 20;
+    private const int DefaultWorkers = 8;
+
+    private readonly BackupSettings _s;
+    private readonly DirtyBitmap _copyBitmap;
+    private readonly HBitmap _copy;
+    private readonly long _cluster;
+    private readonly int _maxChunk;
+    private readonly int _workers;
+    private readonly Lock _claim = new();
+    private readonly List<InFlight> _inFlight = [];
+    private int _inFlightCount;
+    private readonly SemaphoreSlim _errorGate = new(1, 1);
+    private int _errorEpoch;
+    private bool _failed;
+    private readonly IDisposable _targetUser;
+    private volatile bool _cbwOff;
+    private bool _cleaned;
+
+    public BackupJob(JobManager manager, JobSettings settings, BackupSettings backup) : base(manager, settings)
+    {
+        ArgumentNullException.ThrowIfNull(backup);
+        _s = backup;
+        _cluster = ClusterSize(backup.Target);
+        _maxChunk = (int)Math.Max(_cluster, backup.MaxChunk > 0 ? Math.Min(backup.MaxChunk, 64 << 20) : DefaultChunk);
+        _maxChunk -= (int)(_maxChunk % _cluster);
+        _workers = backup.MaxWorkers > 0 ? Math.Min(backup.MaxWorkers, DefaultWorkers) : DefaultWorkers;
+        var set = backup.Source.GetDirtyBitmaps();
+        if (backup.Bitmap is { } bitmap)
+        {
+            set.Freeze(bitmap);
+        }
+        _copyBitmap = set.CreateAnonymous(_cluster, enabled: false);
+        _copy = _copyBitmap.Bits;
+        if (backup.Sync == BackupSyncMode.Bitmap)
+        {
+            foreach (var e in backup.Bitmap!.Bits.DirtyExtents())
+            {
+                _copy.Set(e.Offset, e.Length);
+            }
+        }
+        else
+        {
+            _copy.SetAll();
+        }
+        SetProgressTotal(backup.Sync == BackupSyncMode.None ? 0 : _copy.DirtyByteCount);
+        _targetUser = backup.Target.AddUser(BusyReason);
+        backup.Source.AddWriteObserver(this);
+    }
+
+    public override string Type => "backup";
+
+    public BlockNode Source => _s.Source;
+
+    public BlockNode Target => _s.Target;
+
+    /// <summary>The copy unit: max(64 KiB, the target's cluster size), as QEMU's block-copy.</summary>
+    public static long ClusterSize(BlockNode target)
+    {
+        ArgumentNullException.ThrowIfNull(target);
+        return Math.Max(65536, target.GetImageInfo().ClusterSize ?? 0);
+    }
+
+    protected override async Task RunAsync(CancellationToken cancellationToken)
+    {
+        await PausePointAsync().ConfigureAwait(false);
+        if (_s.Sync == BackupSyncMode.None)
+        {
+            while (true)
+            {
+                await SleepAsync(Timeout.InfiniteTimeSpan).ConfigureAwait(false);
+                await PausePointAsync().ConfigureAwait(false);
+            }
+        }
+        if (_s.Sync == BackupSyncMode.Top)
+        {
+            await SkipUnallocatedAsync().ConfigureAwait(false);
+        }
+        var offset = 0L;
+        var length = _s.Source.Length;
+        var running = new List<Task<long>>();
+        try
+        {
+            while (true)
+            {
+                await PausePointAsync().ConfigureAwait(false);
+                var extent = offset < length ? _copy.NextDirtyExtent(offset, length - offset) : null;
+                if (extent is { } e && running.Count < _workers)
+                {
+                    var end = Math.Min(e.End, Math.Min(length, e.Offset + _maxChunk));
+                    running.Add(CopyAsync(e.Offset, end, fromJob: true).AsTask());
+                    offset = end;
+                    continue;
+                }
+                if (running.Count == 0)
+                {
+                    // Copies that failed and were retried by a guest write may have put bits back.
+                    if (_copy.NextDirty(0, length) >= 0)
+                    {
+                        offset = 0;
+                        continue;
+                    }
+                    break;
+                }
+                var done = await Task.WhenAny(running).ConfigureAwait(false);
+                running.Remove(done);
+                var copied = await done.ConfigureAwait(false);
+                await RateLimitAsync(copied).ConfigureAwait(false);
+            }
+        }
+        finally
+        {
+            // Let the copies in flight end before the job reports anything.
+            try
+            {
+                await Task.WhenAll(running).ConfigureAwait(false);
+            }
+#pragma warning disable CA1031 // The first failure is the one reported; the others only need to end.
+            catch (Exception)
+#pragma warning restore CA1031
+            {
+            }
+        }
+    }
+
+    /// <summary>sync=top: clears the bits of what the source's top layer does not allocate.</summary>
+    private async Task SkipUnallocatedAsync()
+    {
+        var length = _s.Source.Length;
+        var pos = 0L;
+        while (pos < length)
+        {
+            var st = await _s.Source.GetBlockStatusAsync(pos, length - pos).ConfigureAwait(false);
+            var n = st.Length > 0 ? st.Length : length - pos;
+            if (!st.IsAllocated)
+            {
+                // Only whole clusters that are entirely unallocated.
+                var start = RoundUp(pos, _cluster);
+                var end = n == length - pos ? RoundUp(pos + n, _cluster) : (pos + n) / _cluster * _cluster;
+                if (end > start)
+                {
+                    lock (_claim)
+                    {
+                        // Only what no copy has claimed yet: claimed clusters are already clear.
+                        _copy.Reset(start, end - start);
+                    }
+                }
+            }
+            pos += n;
+        }
+        SetProgressTotal(_copy.DirtyByteCount);
+    }
+
+    private static long RoundUp(long v, long a) => (v + a - 1) / a * a;
+
+    /// <summary>A run of clusters being copied: its bits are already clear; writers to it wait for <see cref="Done"/>.</summary>
+    private sealed class InFlight(long start, long end)
+    {
+        public long Start { get; } = start;
+        public long End { get; } = end;
+        public TaskCompletionSource Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+
+    /// <summary>
+    /// Copies the still-dirty clusters of [start, end) (cluster-aligned start): claims them (clears their
+    /// bits, records them in flight), copies, and waits for copies of the range others have in flight.
+    /// A failed copy puts its bits back. Returns the bytes this call copied.
+    /// </summary>
+    private async ValueTask<long> CopyAsync(long start, long end, bool fromJob)
+    {
+        var total = 0L;
+        while (true)
+        {
+            var mine = new List<InFlight>();
+            List<Task> others;
+            lock (_claim)
+            {
+                if (!fromJob && _cbwOff)
+                {
+                    return total;
+                }
+                others = [.. _inFlight.Where(f => f.Start < end && f.End > start).Select(f => f.Done.Task)];
+                var pos = start;
+                while (pos < end && _copy.NextDirtyExtent(pos, end - pos) is { } e)
+                {
+                    var f = new InFlight(e.Offset, e.End);
+                    _inFlight.Add(f);
+                    Volatile.Write(ref _inFlightCount, _inFlight.Count);
+                    _copy.Reset(e.Offset, e.Length);
+                    mine.Add(f);
+                    pos = e.End;
+                }
+            }
+            var i = 0;
+            try
+            {
+                for (; i < mine.Count; i++)
+                {
+                    var f = mine[i];
+                    await CopyExtentAsync(f.Start, f.End, fromJob).ConfigureAwait(false);
+                    var bytes = Math.Min(f.End, _s.Source.Length) - f.Start;
+                    AddProgress(bytes);
+                    total += bytes;
+                    Release(f, copied: true);
+                }
+            }
+            finally
+            {
+                for (; i < mine.Count; i++)
+                {
+                    Release(mine[i], copied: false);
+                }
+            }
+            if (others.Count == 0)
+            {
+                return total;
+            }
+            await Task.WhenAll(others).ConfigureAwait(false);
+            if (fromJob)
+            {
+                return total;
+            }
+            // A guest write: check again, another copy of the range may have failed.
+        }
+    }
+
+    private void Release(InFlight f, bool copied)
+    {
+        lock (_claim)
+        {
+            if (!copied)
+            {
+                _copy.Set(f.Start, f.End - f.Start);
+            }
+            _inFlight.Remove(f);
+            Volatile.Write(ref _inFlightCount, _inFlight.Count);
+        }
+        f.Done.TrySetResult();
+    }
+
+    private async ValueTask CopyExtentAsync(long start, long end, bool fromJob)
+    {
+        var length = _s.Source.Length;
+        end = Math.Min(end, length);
+        var rented = System.Buffers.ArrayPool<byte>.Shared.Rent((int)Math.Min(_maxChunk, end - start));
+        try
+        {
+            await CopyExtentCoreAsync(start, end, length, rented, fromJob).ConfigureAwait(false);
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<byte>.Shared.Return(rented);
+        }
+    }
+
+    /// <summary>
+    /// Copies [start, end) in chunks: a chunk the source reports as zeros (whole clusters) becomes one
+    /// write-zeroes without reading; otherwise the chunk is read at once and written as runs of data
+    /// clusters and runs of all-zero clusters (write-zeroes), so the target gets zero clusters, not data.
+    /// </summary>
+    private async ValueTask CopyExtentCoreAsync(long start, long end, long length, byte[] buffer, bool fromJob)
+    {
+        var pos = start;
+        while (pos < end)
+        {
+            var max = (int)Math.Min(end - pos, _maxChunk);
+            var zeroRun = 0L;
+            while (true)
+            {
+                var epoch = Volatile.Read(ref _errorEpoch);
+                try
+                {
+                    var st = await _s.Source.GetBlockStatusAsync(pos, max).ConfigureAwait(false);
+                    if (st.IsZero && (st.Length >= _cluster || pos + st.Length >= length))
+                    {
+                        zeroRun = pos + st.Length >= end ? end - pos : st.Length / _cluster * _cluster;
+                    }
+                    else
+                    {
+                        await _s.Source.ReadAsync(pos, buffer.AsMemory(0, max)).ConfigureAwait(false);
+                    }
+                    break;
+                }
+                catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
+                {
+                    await OnErrorAsync(ex, isRead: true, epoch).ConfigureAwait(false);
+                }
+            }
+            if (zeroRun > 0)
+            {
+                await WriteTargetAsync(pos, null, zeroRun, fromJob).ConfigureAwait(false);
+                pos += zeroRun;
+                continue;
+            }
+            var i = 0;
+            while (i < max)
+            {
+                var zero = IsZero(buffer, i, max);
+                var j = i + (int)Math.Min(_cluster, max - i);
+                while (j < max && IsZero(buffer, j, max) == zero)
+                {
+                    j += (int)Math.Min(_cluster, max - j);
+                }
+                await WriteTargetAsync(pos + i, zero ? null : buffer.AsMemory(i, j - i), j - i, fromJob).ConfigureAwait(false);
+                i = j;
+            }
+            pos += max;
+        }
+    }
+
+    private bool IsZero(byte[] buffer, int offset, int limit) =>
+        buffer.AsSpan(offset, (int)Math.Min(_cluster, limit - offset)).IndexOfAnyExcept((byte)0) < 0;
+
+    /// <summary>Writes data (or zeros when <paramref name="data"/> is null) to the target under the error policy.</summary>
+    private async ValueTask WriteTargetAsync(long offset, ReadOnlyMemory<byte>? data, long length, bool fromJob)
+    {
+        while (true)
+        {
+            var epoch = Volatile.Read(ref _errorEpoch);
+            try
+            {
+                if (data is { } d)
+                {
+                    await _s.Target.WriteAsync(offset, d).ConfigureAwait(false);
+                }
+                else
+                {
+                    await _s.Target.WriteZeroesAsync(offset, length).ConfigureAwait(false);
+                }
+                return;
+            }
+            catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
+            {
+                await OnErrorAsync(ex, isRead: false, epoch).ConfigureAwait(false);
+            }
+        }
+    }
+
+    /// <summary>
+    /// One error policy decision at a time, as QEMU's single job coroutine makes: parallel copies that
+    /// fail together produce one BLOCK_JOB_ERROR. A copy whose error was met before another copy's
+    /// error was handled (the epoch moved) just retries; after a reported error, every copy fails.
+    /// </summary>
+    private async ValueTask OnErrorAsync(Exception error, bool isRead, int epoch)
+    {
+        await _errorGate.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            if (_failed)
+            {
+                throw new JobFailedException(Describe(error), error);
+            }
+            if (Volatile.Read(ref _errorEpoch) != epoch)
+            {
+                return;
+            }
+            try
+            {
+                await HandleErrorAsync(error, isRead, isRead ? _s.OnSourceError : _s.OnTargetError).ConfigureAwait(false);
+            }
+            catch (JobFailedException)
+            {
+                _failed = true;
+                throw;
+            }
+            Interlocked.Increment(ref _errorEpoch);
+        }
+        finally
+        {
+            _errorGate.Release();
+        }
+    }
+
+    protected override async ValueTask AfterRunAsync()
+    {
+        // No copy-before-write from now on; wait for one in flight.
+        Task[] pending;
+        lock (_claim)
+        {
+            _cbwOff = true;
+            pending = [.. _inFlight.Select(f => f.Done.Task)];
+        }
+        await Task.WhenAll(pending).ConfigureAwait(false);
+        _s.Source.RemoveWriteObserver(this);
+    }
+
+    protected override void Commit()
+    {
+        if (_s.Bitmap is { } b)
+        {
+            b.Owner.Complete(b, _s.BitmapMode, success: true, _copy);
+        }
+    }
+
+    protected override void Abort()
+    {
+        if (_s.Bitmap is { } b)
+        {
+            b.Owner.Complete(b, _s.BitmapMode, success: false, _copy);
+        }
+    }
+
+    protected override void Clean()
+    {
+        if (_cleaned)
+        {
+            return;
+        }
+        _cleaned = true;
+        _cbwOff = true;
+        _s.Source.RemoveWriteObserver(this);
+        _copyBitmap.Owner.Release(_copyBitmap);
+        _targetUser.Dispose();
+        if (_s.ReleaseTarget is { } release)
+        {
+            _ = Task.Run(async () => await release().ConfigureAwait(false));
+        }
+    }
+
+    // ------------------------------------------------------------------ copy-before-write
+
+    public ValueTask BeforeWriteAsync(BlockNode node, long offset, long length, WriteKind kind, CancellationToken cancellationToken)
+    {
+        if (_cbwOff || length <= 0)
+        {
+            return ValueTask.CompletedTask;
+        }
+        var end = Math.Min(RoundUp(offset + length, _cluster), _copy.Size);
+        // Bits are cleared when a copy claims them, before it is done: also look at copies in flight.
+        if (offset >= end || (_copy.NextDirty(offset, end - offset) < 0 && Volatile.Read(ref _inFlightCount) == 0))
+        {
+            return ValueTask.CompletedTask;
+        }
+        var start = offset / _cluster * _cluster;
+        return new ValueTask(CopyAsync(start, end, fromJob: false).AsTask());
+    }
+
+    public void AfterWrite(BlockNode node, long offset, long length, WriteKind kind)
+    {
+    }
+}

@@ -1,0 +1,283 @@
+using Backup.Block;
+using Backup.Block.Bitmaps;
+using Backup.Block.Drivers.Qcow2;
+
+namespace Backup.Jobs;
+
+/// <summary>The arguments of blockdev-backup / drive-backup (QAPI BackupCommon plus the target), as given.</summary>
+public sealed record BackupRequest
+{
+    public string? JobId { get; init; }
+    public required string Device { get; init; }
+    /// <summary>MirrorSyncMode wire name: full, top, none, incremental, bitmap, differential.</summary>
+    public required string Sync { get; init; }
+    public long? Speed { get; init; }
+    public string? Bitmap { get; init; }
+    /// <summary>BitmapSyncMode wire name: on-success, never, always.</summary>
+    public string? BitmapMode { get; init; }
+    public bool Compress { get; init; }
+    public string? OnSourceError { get; init; }
+    public string? OnTargetError { get; init; }
+    public bool AutoFinalize { get; init; } = true;
+    public bool AutoDismiss { get; init; } = true;
+    public long? MaxWorkers { get; init; }
+    public long? MaxChunk { get; init; }
+    /// <summary>blockdev-backup: the target node.</summary>
+    public string? Target { get; init; }
+    /// <summary>drive-backup: the target file, its format and mode (existing, absolute-paths).</summary>
+    public string? TargetFile { get; init; }
+    public string? Format { get; init; }
+    public string? Mode { get; init; }
+}
+
+/// <summary>
+/// Checks backup arguments in QSD's order with its messages (blockdev.c do_backup_common, backup.c
+/// backup_job_create, job.c job_create) and starts the job.
+/// </summary>
+public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
+{
+    /// <summary>blockdev-backup.</summary>
+    public BackupJob StartBlockdevBackup(BackupRequest request)
+    {
+        ArgumentNullException.ThrowIfNull(request);
+        var source = Lookup(request.Device);
+        var target = Lookup(request.Target!);
+        return Start(request, source, target, null);
+    }
+
+    /// <summary>drive-backup: opens (mode existing) or creates (absolute-paths) the target image first.</summary>
+    public async Task<BackupJob> StartDriveBackupAsync(BackupRequest request, CancellationToken cancellationToken)
+    {
+        ArgumentNullException.ThrowIfNull(request);
+        var source = Lookup(request.Device);
+        var mode = request.Mode ?? "absolute-paths";
+        var path = request.TargetFile!;
+        var format = request.Format ?? (mode == "existing" ? null : source.DriverName);
+        var sync = request.Sync;
+        BlockNode? backing = null;
+        if (sync == "top")
+        {
+            backing = BackingOf(source);
+            if (backing is null)
+            {
+                sync = "full";
+            }
+        }
+        if (sync == "none")
+        {
+            backing = source;
+        }
+        if (mode != "existing")
+        {
+            await CreateImageAsync(path, format!, source.Length, sync == "none" ? null : backing, cancellationToken).ConfigureAwait(false);
+        }
+        if (format is null)
+        {
+            format = await ProbeAsync(path).ConfigureAwait(false);
+        }
+        var options = new BlockOptions
+        {
+            ["driver"] = format,
+            ["file"] = new BlockOptions { ["driver"] = "file", ["filename"] = path },
+        };
+        if (sync == "none")
+        {
+            options["backing"] = source.NodeName;
+        }
+        var target = await graph.OpenOwnedAsync(options, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            return Start(request with { Sync = sync }, source, target, () => graph.ReleaseAsync(target));
+        }
+        catch
+        {
+            await graph.ReleaseAsync(target).ConfigureAwait(false);
+            throw;
+        }
+    }
+
+    private BackupJob Start(BackupRequest r, BlockNode source, BlockNode target, Func<ValueTask>? release)
+    {
+        var sync = r.Sync;
+        var hasMode = r.BitmapMode is not null;
+        var mode = ParseMode(r.BitmapMode);
+        if (sync is "bitmap" or "incremental" or "differential" && r.Bitmap is null)
+        {
+            throw new BlockException($"must provide a valid bitmap name for '{sync}' sync mode");
+        }
+        if (sync == "incremental")
+        {
+            if (hasMode && mode != BitmapSyncMode.OnSuccess)
+            {
+                throw new BlockException("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'");
+            }
+            (hasMode, mode, sync) = (true, BitmapSyncMode.OnSuccess, "bitmap");
+        }
+        if (sync == "differential")
+        {
+            if (hasMode && mode != BitmapSyncMode.Never)
+            {
+                throw new BlockException("Bitmap sync mode must be 'never' when using sync mode 'differential'");
+            }
+            (hasMode, mode, sync) = (true, BitmapSyncMode.Never, "bitmap");
+        }
+        DirtyBitmap? bitmap = null;
+        if (r.Bitmap is { } name)
+        {
+            bitmap = source.TryGetDirtyBitmaps()?.Find(name) ?? throw new BlockException($"Bitmap '{name}' could not be found");
+            if (!hasMode)
+            {
+                throw new BlockException("Bitmap sync mode must be given when providing a bitmap");
+            }
+            bitmap.Check(BitmapCheck.AllowReadOnly);
+            if (sync == "none")
+            {
+                throw new BlockException("sync mode 'none' does not produce meaningful bitmap outputs");
+            }
+            if (mode == BitmapSyncMode.Never && sync != "bitmap")
+            {
+                throw new BlockException($"Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{sync}'");
+            }
+        }
+        if (bitmap is null && hasMode)
+        {
+            throw new BlockException("Cannot specify bitmap sync mode without a bitmap");
+        }
+        if (ReferenceEquals(source, target))
+        {
+            throw new BlockException("Source and target cannot be the same");
+        }
+        if (r.Compress)
+        {
+            throw new BlockException($"Compression is not supported for this drive {target.NodeName}");
+        }
+        if (jobs.Jobs.OfType<BackupJob>().Any(j => ReferenceEquals(j.Target, target) && j.Status != JobStatus.Null))
+        {
+            throw new BlockException($"Node '{target.NodeName}' is busy: {BackupJob.BusyReason}");
+        }
+        if (r.MaxWorkers is { } w && (w < 1 || w > int.MaxValue))
+        {
+            throw new BlockException($"max-workers must be between 1 and {int.MaxValue}");
+        }
+        if (r.MaxChunk is < 0)
+        {
+            throw new BlockException("max-chunk must be zero (which means no limit) or positive");
+        }
+        if (bitmap is not null && mode != BitmapSyncMode.Never)
+        {
+            bitmap.Check(BitmapCheck.Default);
+        }
+        if (source.Length != target.Length)
+        {
+            throw new BlockException("Source and target image have different sizes");
+        }
+        var cluster = BackupJob.ClusterSize(target);
+        if (r.MaxChunk is > 0 and var chunk && chunk < cluster)
+        {
+            throw new BlockException($"Required max-chunk ({chunk}) is less than backup cluster size ({cluster})");
+        }
+        if (target.ReadOnly)
+        {
+            throw new BlockException($"Block node is read-only");
+        }
+        jobs.CheckNewId(r.JobId);
+        var speed = r.Speed ?? 0;
+        if (speed < 0)
+        {
+            throw new BlockException("Parameter 'speed' expects a non-negative value");
+        }
+        var job = new BackupJob(jobs, new JobSettings(r.JobId!, r.AutoFinalize, r.AutoDismiss, speed), new BackupSettings
+        {
+            Source = source,
+            Target = target,
+            Sync = sync switch
+            {
+                "full" => BackupSyncMode.Full,
+                "top" => BackupSyncMode.Top,
+                "none" => BackupSyncMode.None,
+                _ => BackupSyncMode.Bitmap,
+            },
+            Bitmap = bitmap,
+            BitmapMode = mode,
+            OnSourceError = r.OnSourceError ?? "report",
+            OnTargetError = r.OnTargetError ?? "report",
+            MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
+            MaxWorkers = (int)Math.Min(r.MaxWorkers ?? 0, int.MaxValue),
+            ReleaseTarget = release,
+        });
+        jobs.Start(job);
+        return job;
+    }
+
+    private BlockNode Lookup(string name) =>
+        graph.Find(name) ?? throw new BlockException($"Cannot find device='{name}' nor node-name='{name}'");
+
+    private static BitmapSyncMode ParseMode(string? mode) => mode switch
+    {
+        "never" => BitmapSyncMode.Never,
+        "always" => BitmapSyncMode.Always,
+        _ => BitmapSyncMode.OnSuccess,
+    };
+
+    /// <summary>The backing node of a format node (skipping raw's file), if any.</summary>
+    private static BlockNode? BackingOf(BlockNode node) =>
+        node.Children.FirstOrDefault(c => c.Role == "backing")?.Node;
+
+    private static async Task<string> ProbeAsync(string path)
+    {
+        var header = new byte[4];
+        try
+        {
+            await using var f = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+            var n = await f.ReadAsync(header).ConfigureAwait(false);
+            return n == 4 && header is [(byte)'Q', (byte)'F', (byte)'I', 0xfb] ? "qcow2" : "raw";
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new BlockException($"Could not open '{path}': {Block.Posix.LibC.Describe(Block.Posix.LibC.ErrnoOf(e))}", e);
+        }
+    }
+
+    /// <summary>bdrv_img_create: a qcow2 (backed by <paramref name="backing"/>'s file for sync=top) or a raw file of the source's size.</summary>
+    private async Task CreateImageAsync(string path, string format, long size, BlockNode? backing, CancellationToken cancellationToken)
+    {
+        if (format is not ("qcow2" or "raw"))
+        {
+            throw new BlockException(graph.DriverNames.Contains(format)
+                ? $"Format driver '{format}' does not support image creation"
+                : $"Unknown driver '{format}'");
+        }
+        try
+        {
+            await using (var f = new FileStream(path, FileMode.Create, FileAccess.ReadWrite, FileShare.ReadWrite))
+            {
+                if (format == "raw")
+                {
+                    f.SetLength(size);
+                }
+            }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new BlockException($"Could not create '{path}': {Block.Posix.LibC.Describe(Block.Posix.LibC.ErrnoOf(e))}", e);
+        }
+        if (format == "raw")
+        {
+            return;
+        }
+        var file = await graph.OpenOwnedAsync(new BlockOptions { ["driver"] = "file", ["filename"] = path }, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await Qcow2Creator.CreateAsync(file, new Qcow2CreateOptions
+            {
+                Size = size,
+                BackingFile = backing?.Filename,
+                BackingFormat = backing?.DriverName,
+            }, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            await graph.ReleaseAsync(file).ConfigureAwait(false);
+        }
+    }
+}

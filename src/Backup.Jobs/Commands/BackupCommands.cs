@@ -1,0 +1,53 @@
+using System.Text.Json.Nodes;
+using Backup.Qmp.Commands;
+
+namespace Backup.Jobs.Commands;
+
+/// <summary>blockdev-backup and drive-backup (schemas/backup.json): bind and call <see cref="BackupStarter"/>.</summary>
+public sealed class BackupCommands(BackupStarter starter) : ICommandModule
+{
+    public void Register(CommandTable table)
+    {
+        ArgumentNullException.ThrowIfNull(table);
+        table.Add("blockdev-backup", (a, _, _) =>
+        {
+            starter.StartBlockdevBackup(Bind(a) with { Target = a["target"]!.GetValue<string>() });
+            return ValueTask.FromResult<JsonNode?>(null);
+        });
+        table.Add("drive-backup", async (a, _, ct) =>
+        {
+            await starter.StartDriveBackupAsync(Bind(a) with
+            {
+                TargetFile = a["target"]!.GetValue<string>(),
+                Format = Str(a, "format"),
+                Mode = Str(a, "mode"),
+            }, ct).ConfigureAwait(false);
+            return null;
+        });
+    }
+
+    /// <summary>The BackupCommon members.</summary>
+    public static BackupRequest Bind(JsonObject a)
+    {
+        ArgumentNullException.ThrowIfNull(a);
+        var perf = a["x-perf"] as JsonObject;
+        return new BackupRequest
+        {
+            JobId = Str(a, "job-id"),
+            Device = a["device"]!.GetValue<string>(),
+            Sync = a["sync"]!.GetValue<string>(),
+            Speed = a["speed"]?.GetValue<long>(),
+            Bitmap = Str(a, "bitmap"),
+            BitmapMode = Str(a, "bitmap-mode"),
+            Compress = a["compress"]?.GetValue<bool>() ?? false,
+            OnSourceError = Str(a, "on-source-error"),
+            OnTargetError = Str(a, "on-target-error"),
+            AutoFinalize = a["auto-finalize"]?.GetValue<bool>() ?? true,
+            AutoDismiss = a["auto-dismiss"]?.GetValue<bool>() ?? true,
+            MaxWorkers = perf?["max-workers"]?.GetValue<long>(),
+            MaxChunk = perf?["max-chunk"]?.GetValue<long>(),
+        };
+    }
+
+    private static string? Str(JsonObject a, string key) => a[key]?.GetValue<string>();
+}

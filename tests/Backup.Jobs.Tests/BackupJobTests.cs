@@ -1,0 +1,196 @@
+using Backup.Block;
+using Backup.Block.Bitmaps;
+
+namespace Backup.Jobs.Tests;
+
+public class BackupJobTests
+{
+    private const int MiB = 1 << 20;
+    private readonly EventLog _log = new();
+    private readonly JobManager _jobs;
+
+    public BackupJobTests() => _jobs = new JobManager(() => _log);
+
+    private static async Task Fill(BlockNode node, long offset, int length, byte value)
+    {
+        var data = new byte[length];
+        Array.Fill(data, value);
+        await node.WriteAsync(offset, data);
+    }
+
+    private BackupJob Start(ByteNode source, ByteNode target, BackupSyncMode sync, long speed = 0,
+        DirtyBitmap? bitmap = null, BitmapSyncMode mode = BitmapSyncMode.OnSuccess, string id = "j1")
+    {
+        var job = new BackupJob(_jobs, new JobSettings(id, Speed: speed), new BackupSettings
+        {
+            Source = source,
+            Target = target,
+            Sync = sync,
+            Bitmap = bitmap,
+            BitmapMode = mode,
+        });
+        _jobs.Start(job);
+        return job;
+    }
+
+    private Task Done(string id = "j1") =>
+        _log.WaitForAsync(l => l.Sequence(id).EndsWith("null", StringComparison.Ordinal));
+
+    [Fact]
+    public async Task Full_backup_copies_everything()
+    {
+        var src = new ByteNode(4 * MiB, "src");
+        await Fill(src, 0, MiB, 0x11);
+        await Fill(src, 3 * MiB, 65536, 0x22);
+        var tgt = new ByteNode(4 * MiB, "tgt");
+        Start(src, tgt, BackupSyncMode.Full);
+        await Done();
+        tgt.Snapshot().Should().Equal(src.Snapshot());
+        _log.Value("BLOCK_JOB_COMPLETED", "len").Should().Be(4L * MiB);
+        src.WriteObservers.Should().NotContain(o => o is BackupJob);
+    }
+
+    [Fact]
+    public async Task Writes_during_a_slow_backup_do_not_reach_the_target()
+    {
+        var src = new ByteNode(8 * MiB, "src");
+        await Fill(src, 0, 8 * MiB, 0x33);
+        var before = src.Snapshot();
+        var tgt = new ByteNode(8 * MiB, "tgt");
+        var job = Start(src, tgt, BackupSyncMode.Full, speed: MiB);
+        await Task.Delay(100);
+        await Fill(src, 5 * MiB + 4096, 8192, 0x44);
+        await Fill(src, 100, 1, 0x45);
+        job.SetSpeed(0);
+        await Done();
+        tgt.Snapshot().Should().Equal(before);
+    }
+
+    [Fact]
+    public async Task Incremental_copies_the_bitmap_and_clears_it()
+    {
+        var src = new ByteNode(4 * MiB, "src");
+        var set = src.GetDirtyBitmaps();
+        var b0 = set.Add("b0");
+        await Fill(src, MiB, 4096, 0x55);
+        var tgt = new ByteNode(4 * MiB, "tgt");
+        Start(src, tgt, BackupSyncMode.Bitmap, bitmap: b0);
+        await Done();
+        _log.Value("BLOCK_JOB_COMPLETED", "len").Should().Be(65536L);
+        tgt.Snapshot().AsSpan(MiB, 65536).ToArray().Should().Equal(src.Snapshot().AsSpan(MiB, 65536).ToArray());
+        tgt.Snapshot().AsSpan(0, MiB).ToArray().Should().OnlyContain(b => b == 0);
+        b0.Count.Should().Be(0);
+        b0.Busy.Should().BeFalse();
+        set.Bitmaps.Should().ContainSingle();
+    }
+
+    [Fact]
+    public async Task Cancel_keeps_old_bits_and_writes_made_during_the_job()
+    {
+        var src = new ByteNode(8 * MiB, "src");
+        var b0 = src.GetDirtyBitmaps().Add("b0");
+        await Fill(src, 0, 4 * MiB, 0x66);
+        var tgt = new ByteNode(8 * MiB, "tgt");
+        var job = Start(src, tgt, BackupSyncMode.Bitmap, speed: MiB, bitmap: b0);
+        b0.Busy.Should().BeTrue();
+        await Fill(src, 6 * MiB, 4096, 0x67);
+        job.Cancel(force: true);
+        await Done();
+        _log.Sequence("j1").Should().Be("created running aborting BLOCK_JOB_CANCELLED concluded null");
+        b0.Count.Should().Be(4L * MiB + 65536);
+        b0.Busy.Should().BeFalse();
+    }
+
+    [Fact]
+    public async Task Target_write_error_reports_and_restores_the_bitmap()
+    {
+        var src = new ByteNode(4 * MiB, "src");
+        var b0 = src.GetDirtyBitmaps().Add("b0");
+        await Fill(src, 0, MiB, 0x77);
+        var tgt = new ByteNode(4 * MiB, "tgt") { FailWrites = 28 };
+        Start(src, tgt, BackupSyncMode.Bitmap, bitmap: b0);
+        await Done();
+        _log.Sequence("j1").Should().Be("created running BLOCK_JOB_ERROR aborting BLOCK_JOB_COMPLETED concluded null");
+        _log.Value("BLOCK_JOB_COMPLETED", "error").Should().Be("No space left on device");
+        _log.Value("BLOCK_JOB_ERROR", "action").Should().Be("report");
+        b0.Count.Should().Be(MiB);
+    }
+
+    [Fact]
+    public async Task Differential_never_clears_the_bitmap()
+    {
+        var src = new ByteNode(4 * MiB, "src");
+        var b0 = src.GetDirtyBitmaps().Add("b0");
+        await Fill(src, 0, MiB, 0x78);
+        var tgt = new ByteNode(4 * MiB, "tgt");
+        Start(src, tgt, BackupSyncMode.Bitmap, bitmap: b0, mode: BitmapSyncMode.Never);
+        await Done();
+        b0.Count.Should().Be(MiB);
+        tgt.Snapshot().AsSpan(0, MiB).ToArray().Should().OnlyContain(b => b == 0x78);
+    }
+
+    [Fact]
+    public async Task Target_is_pinned_while_the_job_runs()
+    {
+        var src = new ByteNode(4 * MiB, "src");
+        var tgt = new ByteNode(4 * MiB, "tgt");
+        var job = Start(src, tgt, BackupSyncMode.None);
+        tgt.BusyReason.Should().Be("block device is in use by block job: backup");
+        job.Cancel(force: true);
+        await Done();
+        tgt.BusyReason.Should().BeNull();
+    }
+
+    [Fact]
+    public async Task On_target_error_stop_pauses_and_resume_retries()
+    {
+        var src = new ByteNode(2 * MiB, "src");
+        await Fill(src, 0, 2 * MiB, 0x79);
+        var tgt = new ByteNode(2 * MiB, "tgt") { FailWrites = 28 };
+        var job = new BackupJob(_jobs, new JobSettings("j1"), new BackupSettings
+        {
+            Source = src, Target = tgt, Sync = BackupSyncMode.Full, OnTargetError = "enospc",
+        });
+        _jobs.Start(job);
+        await _log.WaitForAsync(l => l.Sequence("j1").EndsWith("paused", StringComparison.Ordinal));
+        _log.Value("BLOCK_JOB_ERROR", "action").Should().Be("stop");
+        job.IoStatus.Should().Be("nospace");
+        job.UserPaused.Should().BeTrue();
+        tgt.FailWrites = 0;
+        job.Resume();
+        await Done();
+        _log.Sequence("j1").Should().Be("created running BLOCK_JOB_ERROR paused running waiting pending BLOCK_JOB_COMPLETED concluded null");
+        tgt.Snapshot().Should().Equal(src.Snapshot());
+    }
+
+    [Fact]
+    public async Task Sync_none_copies_only_what_the_guest_overwrites()
+    {
+        var src = new ByteNode(4 * MiB, "src");
+        await Fill(src, 0, 4 * MiB, 0x5a);
+        var tgt = new ByteNode(4 * MiB, "tgt");
+        var job = Start(src, tgt, BackupSyncMode.None);
+        await Fill(src, MiB + 100, 10, 0x01);
+        await Fill(src, MiB + 200, 10, 0x02);
+        var t = tgt.Snapshot();
+        t.AsSpan(MiB, 65536).ToArray().Should().OnlyContain(b => b == 0x5a);
+        t.AsSpan(0, MiB).ToArray().Should().OnlyContain(b => b == 0);
+        t.AsSpan(MiB + 65536).ToArray().Should().OnlyContain(b => b == 0);
+        job.ProgressCurrent.Should().Be(65536);
+        job.Cancel(force: true);
+        await Done();
+    }
+
+    [Fact]
+    public async Task Parallel_copies_failing_together_report_one_error()
+    {
+        var src = new ByteNode(16 * MiB, "src");
+        await Fill(src, 0, 16 * MiB, 0x7a);
+        var tgt = new ByteNode(16 * MiB, "tgt") { FailWrites = 5 };
+        Start(src, tgt, BackupSyncMode.Full);
+        await Done();
+        _log.Sequence("j1").Should().Be("created running BLOCK_JOB_ERROR aborting BLOCK_JOB_COMPLETED concluded null");
+        _log.Value("BLOCK_JOB_COMPLETED", "error").Should().Be("Input/output error");
+        _jobs.Jobs.Should().BeEmpty();
+    }
+}

@@ -68,7 +68,7 @@ public abstract class BlockNode : IAsyncDisposable
         {
             return;
         }
-        Interlocked.Increment(ref _inFlight);
+        await EnterAsync().ConfigureAwait(false);
         try
         {
             await ReadCoreAsync(offset, buffer, cancellationToken).ConfigureAwait(false);
@@ -141,8 +141,8 @@ public abstract class BlockNode : IAsyncDisposable
     private async ValueTask ModifyAsync<TState>(long offset, long length, WriteKind kind, TState state,
         Func<BlockNode, long, TState, CancellationToken, ValueTask> core, CancellationToken cancellationToken)
     {
+        await EnterAsync().ConfigureAwait(false);
         var observers = Volatile.Read(ref _observers);
-        Interlocked.Increment(ref _inFlight);
         try
         {
             foreach (var o in observers)
@@ -158,6 +158,73 @@ public abstract class BlockNode : IAsyncDisposable
         finally
         {
             Interlocked.Decrement(ref _inFlight);
+        }
+    }
+
+    // ------------------------------------------------------------------ quiescing
+
+    private TaskCompletionSource? _quiesced;
+
+    /// <summary>
+    /// Counts a request in, or waits while the node is quiesced. The count is raised before the gate is
+    /// read, and the quiescer closes the gate before it reads the count, so no request slips past.
+    /// </summary>
+    private ValueTask EnterAsync()
+    {
+        Interlocked.Increment(ref _inFlight);
+        var gate = Volatile.Read(ref _quiesced);
+        return gate is null ? ValueTask.CompletedTask : WaitAndEnterAsync(gate);
+    }
+
+    private async ValueTask WaitAndEnterAsync(TaskCompletionSource? gate)
+    {
+        while (gate is not null)
+        {
+            Interlocked.Decrement(ref _inFlight);
+            await gate.Task.ConfigureAwait(false);
+            Interlocked.Increment(ref _inFlight);
+            gate = Volatile.Read(ref _quiesced);
+        }
+    }
+
+    /// <summary>
+    /// Holds new requests at the door and waits until none is inside (QEMU's drained section), so that
+    /// a transaction can take one point in time across nodes. Requests a node makes to its children
+    /// while finishing still pass: only the nodes named are held. Dispose to let requests in again.
+    /// </summary>
+    public async ValueTask<IDisposable> QuiesceAsync(CancellationToken cancellationToken = default)
+    {
+        var gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        if (Interlocked.CompareExchange(ref _quiesced, gate, null) is not null)
+        {
+            throw new InvalidOperationException($"{this} is already quiesced");
+        }
+        var release = new Quiesced(this, gate);
+        try
+        {
+            var delay = 0;
+            while (Interlocked.Read(ref _inFlight) > 0)
+            {
+                await Task.Delay(delay, cancellationToken).ConfigureAwait(false);
+                delay = Math.Min(delay + 1, 10);
+            }
+        }
+        catch
+        {
+            release.Dispose();
+            throw;
+        }
+        return release;
+    }
+
+    private sealed class Quiesced(BlockNode node, TaskCompletionSource gate) : IDisposable
+    {
+        public void Dispose()
+        {
+            if (Interlocked.CompareExchange(ref node._quiesced, null, gate) == gate)
+            {
+                gate.TrySetResult();
+            }
         }
     }
 

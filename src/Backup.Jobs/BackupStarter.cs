@@ -39,14 +39,40 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
     /// <summary>blockdev-backup.</summary>
     public BackupJob StartBlockdevBackup(BackupRequest request)
     {
+        var job = PrepareBlockdevBackup(request);
+        jobs.Start(job);
+        return job;
+    }
+
+    /// <summary>
+    /// blockdev-backup up to its point in time: checked, bitmap frozen, copy-before-write in place, but
+    /// not registered or running (a transaction registers it at prepare and runs it at commit).
+    /// </summary>
+    public BackupJob PrepareBlockdevBackup(BackupRequest request)
+    {
         ArgumentNullException.ThrowIfNull(request);
         var source = Lookup(request.Device);
         var target = Lookup(request.Target!);
-        return Start(request, source, target, null);
+        return Prepare(request, source, target, null);
+    }
+
+    /// <summary>The node a backup request reads from, for quiescing before its point in time.</summary>
+    public BlockNode Source(BackupRequest request)
+    {
+        ArgumentNullException.ThrowIfNull(request);
+        return Lookup(request.Device);
     }
 
     /// <summary>drive-backup: opens (mode existing) or creates (absolute-paths) the target image first.</summary>
     public async Task<BackupJob> StartDriveBackupAsync(BackupRequest request, CancellationToken cancellationToken)
+    {
+        var job = await PrepareDriveBackupAsync(request, cancellationToken).ConfigureAwait(false);
+        jobs.Start(job);
+        return job;
+    }
+
+    /// <summary>drive-backup up to its point in time (see <see cref="PrepareBlockdevBackup"/>).</summary>
+    public async Task<BackupJob> PrepareDriveBackupAsync(BackupRequest request, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(request);
         var source = Lookup(request.Device);
@@ -87,7 +113,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         var target = await graph.OpenOwnedAsync(options, cancellationToken).ConfigureAwait(false);
         try
         {
-            return Start(request with { Sync = sync }, source, target, () => graph.ReleaseAsync(target));
+            return Prepare(request with { Sync = sync }, source, target, () => graph.ReleaseAsync(target));
         }
         catch
         {
@@ -96,7 +122,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         }
     }
 
-    private BackupJob Start(BackupRequest r, BlockNode source, BlockNode target, Func<ValueTask>? release)
+    private BackupJob Prepare(BackupRequest r, BlockNode source, BlockNode target, Func<ValueTask>? release)
     {
         var sync = r.Sync;
         var hasMode = r.BitmapMode is not null;
@@ -205,7 +231,6 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             MaxWorkers = (int)Math.Min(r.MaxWorkers ?? 0, int.MaxValue),
             ReleaseTarget = release,
         });
-        jobs.Start(job);
         return job;
     }
 

@@ -235,6 +235,17 @@ public abstract class Job
         Manager.Emit("JOB_STATUS_CHANGE", [new("id", Id), new("status", to.WireName())]);
     }
 
+    /// <summary>A job that was prepared in a transaction that then failed: it never ran; QSD's events are created aborting concluded null.</summary>
+    internal void DiscardLocked()
+    {
+        Error = "Operation canceled";
+        Transition(JobStatus.Aborting);
+        Abort();
+        Clean();
+        Transition(JobStatus.Concluded);
+        DismissLocked();
+    }
+
     /// <summary>created → running; the work starts on the thread pool.</summary>
     internal void StartLocked()
     {
@@ -277,18 +288,34 @@ public abstract class Job
             if (error is not null || IsCancelled)
             {
                 AbortLocked(error);
+                Group?.MemberAbortedLocked(this);
                 return;
             }
             Transition(JobStatus.Waiting);
-            Transition(JobStatus.Pending);
-            if (!AutoFinalize)
+            if (Group is { } group)
             {
-                Manager.Emit("BLOCK_JOB_PENDING", [new("type", Type), new("id", Id)]);
+                // Grouped completion: the group moves every member on once all have finished.
+                group.MemberWaitingLocked(this);
                 return;
             }
-            FinalizeLocked();
+            ProceedFromWaitingLocked();
         }
     }
+
+    /// <summary>waiting → pending, then finalize unless auto-finalize is off.</summary>
+    internal void ProceedFromWaitingLocked()
+    {
+        Transition(JobStatus.Pending);
+        if (!AutoFinalize)
+        {
+            Manager.Emit("BLOCK_JOB_PENDING", [new("type", Type), new("id", Id)]);
+            return;
+        }
+        FinalizeLocked();
+    }
+
+    /// <summary>The transaction group this job completes with (completion-mode grouped), if any.</summary>
+    internal JobGroup? Group { get; set; }
 
     private void AbortLocked(string? error)
     {
@@ -414,6 +441,7 @@ public abstract class Job
         {
             // The work is done; abort at once.
             AbortLocked(null);
+            Group?.MemberAbortedLocked(this);
             return;
         }
         if (UserPaused)

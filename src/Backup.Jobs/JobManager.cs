@@ -57,6 +57,13 @@ public sealed class JobManager(Func<IEventSink> events)
     /// <summary>Registers a new job (JOB_STATUS_CHANGE created) and starts it (running).</summary>
     public void Start(Job job)
     {
+        Register(job);
+        Run(job);
+    }
+
+    /// <summary>A transaction's prepare: the job exists (created) but does not run yet.</summary>
+    public void Register(Job job)
+    {
         ArgumentNullException.ThrowIfNull(job);
         lock (Sync)
         {
@@ -66,7 +73,26 @@ public sealed class JobManager(Func<IEventSink> events)
             }
             _jobs.Add(job);
             job.TransitionLocked(JobStatus.Created);
+        }
+    }
+
+    /// <summary>A transaction's commit: created → running.</summary>
+    public void Run(Job job)
+    {
+        ArgumentNullException.ThrowIfNull(job);
+        lock (Sync)
+        {
             job.StartLocked();
+        }
+    }
+
+    /// <summary>A transaction's abort: a job that never ran goes created → aborting → concluded → null, undoing its set-up.</summary>
+    public void Discard(Job job)
+    {
+        ArgumentNullException.ThrowIfNull(job);
+        lock (Sync)
+        {
+            job.DiscardLocked();
         }
     }
 

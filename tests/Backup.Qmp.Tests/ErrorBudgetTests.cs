@@ -1,25 +1,30 @@
-using System.Diagnostics;
 using Backup.Qmp.Session;
 
 namespace Backup.Qmp.Tests;
 
 public class ErrorBudgetTests
 {
-    [Fact]
-    public async Task A_burst_within_the_budget_is_free_and_beyond_it_waits()
+    private sealed class ManualTime : TimeProvider
     {
-        var budget = new ErrorBudget(perSecond: 100);
-        var sw0 = Stopwatch.StartNew();
+        public long Now { get; set; }
+
+        public override long GetTimestamp() => Now;
+
+        public override long TimestampFrequency => 1_000_000;
+    }
+
+    [Fact]
+    public void A_burst_within_the_budget_is_free_beyond_it_waits_and_the_budget_refills_with_time()
+    {
+        var time = new ManualTime();
+        var budget = new ErrorBudget(perSecond: 100, time);
         for (var i = 0; i < 100; i++)
         {
-            await budget.WaitAsync(default);
+            budget.Take().Should().Be(TimeSpan.Zero, "the first 100 errors of a second cost nothing");
         }
-        sw0.Elapsed.Should().BeLessThan(TimeSpan.FromMilliseconds(40), "the first 100 errors of a second cost nothing");
-        var sw = Stopwatch.StartNew();
-        for (var i = 0; i < 10; i++)
-        {
-            await budget.WaitAsync(default);
-        }
-        sw.Elapsed.Should().BeGreaterThan(TimeSpan.FromMilliseconds(50), "ten more at 100 a second take about 100 ms");
+        budget.Take().Should().Be(TimeSpan.FromMilliseconds(10), "one more at 100 a second waits 10 ms");
+        budget.Take().Should().Be(TimeSpan.FromMilliseconds(20));
+        time.Now += 1_000_000; // one second later
+        budget.Take().Should().Be(TimeSpan.Zero);
     }
 }

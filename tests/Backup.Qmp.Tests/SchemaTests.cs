@@ -23,7 +23,7 @@ public class SchemaTests
         return new(SchemaLoader.Default,
     [
         bitmaps,
-        new Backup.Qmp.Transactions.TransactionCommands([bitmaps]),
+        new Backup.Qmp.Transactions.TransactionCommands([bitmaps, BackupActions(graph)], graph),
         new ControlCommands(SchemaLoader.Default, VersionInfo.Current, new NoShutdown()),
         new BlockCoreCommands(BlockGraph.CreateDefault()),
         new QemuIoCommand(BlockGraph.CreateDefault()),
@@ -35,11 +35,18 @@ public class SchemaTests
     ]);
     }
 
+    private static Backup.Jobs.Commands.BackupTransactionActions BackupActions(BlockGraph graph)
+    {
+        var jobs = new Backup.Jobs.JobManager(() => new NullEvents());
+        return new(new Backup.Jobs.BackupStarter(graph, jobs), jobs);
+    }
+
     [Fact]
     public void Every_transaction_action_of_the_schema_is_implemented()
     {
         var bitmaps = new BitmapCommands(BlockGraph.CreateDefault());
-        var tx = new Backup.Qmp.Transactions.TransactionCommands([bitmaps]);
+        var graph = BlockGraph.CreateDefault();
+        var tx = new Backup.Qmp.Transactions.TransactionCommands([bitmaps, BackupActions(graph)], graph);
         var kinds = ((EnumType)SchemaLoader.Default.Types["TransactionActionKind"]).Values;
         tx.ActionTypes.Should().BeEquivalentTo(kinds);
     }

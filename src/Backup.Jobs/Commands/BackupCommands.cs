@@ -11,20 +11,26 @@ public sealed class BackupCommands(BackupStarter starter) : ICommandModule
         ArgumentNullException.ThrowIfNull(table);
         table.Add("blockdev-backup", (a, _, _) =>
         {
-            starter.StartBlockdevBackup(Bind(a) with { Target = a["target"]!.GetValue<string>() });
+            starter.StartBlockdevBackup(BindBlockdev(a));
             return ValueTask.FromResult<JsonNode?>(null);
         });
         table.Add("drive-backup", async (a, _, ct) =>
         {
-            await starter.StartDriveBackupAsync(Bind(a) with
-            {
-                TargetFile = a["target"]!.GetValue<string>(),
-                Format = Str(a, "format"),
-                Mode = Str(a, "mode"),
-            }, ct).ConfigureAwait(false);
+            await starter.StartDriveBackupAsync(BindDrive(a), ct).ConfigureAwait(false);
             return null;
         });
     }
+
+    /// <summary>blockdev-backup's arguments (BlockdevBackup).</summary>
+    public static BackupRequest BindBlockdev(JsonObject a) => Bind(a) with { Target = a["target"]!.GetValue<string>() };
+
+    /// <summary>drive-backup's arguments (DriveBackup).</summary>
+    public static BackupRequest BindDrive(JsonObject a) => Bind(a) with
+    {
+        TargetFile = a["target"]!.GetValue<string>(),
+        Format = Str(a, "format"),
+        Mode = Str(a, "mode"),
+    };
 
     /// <summary>The BackupCommon members.</summary>
     public static BackupRequest Bind(JsonObject a)

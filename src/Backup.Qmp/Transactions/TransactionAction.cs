@@ -28,6 +28,20 @@ public sealed class TransactionContext(string completionMode)
 
     public bool Grouped => CompletionMode == "grouped";
 
+    private readonly Dictionary<Type, object> _shared = [];
+
+    /// <summary>One object of type <typeparamref name="T"/> shared by the actions of this transaction (e.g. a job group).</summary>
+    public T Shared<T>(Func<T> create) where T : class
+    {
+        ArgumentNullException.ThrowIfNull(create);
+        if (!_shared.TryGetValue(typeof(T), out var o))
+        {
+            o = create();
+            _shared[typeof(T)] = o;
+        }
+        return (T)o;
+    }
+
     /// <summary>Actions that are not jobs refuse grouped completion, with QEMU's words.</summary>
     public void RequireIndividual(string actionType)
     {

@@ -9,7 +9,7 @@ namespace Backup.Qmp.Transactions;
 /// prepared are aborted and nothing is visible afterwards. Commands run one at a time, so a
 /// transaction is atomic with respect to every other command too.
 /// </summary>
-public sealed class TransactionCommands(IEnumerable<ITransactionActionModule> modules) : ICommandModule
+public sealed class TransactionCommands(IEnumerable<ITransactionActionModule> modules, BlockGraph graph) : ICommandModule
 {
     private readonly TransactionActionTable _table = Build(modules);
 
@@ -42,9 +42,44 @@ public sealed class TransactionCommands(IEnumerable<ITransactionActionModule> mo
                 }
                 actions.Add(factory(item["data"]!.AsObject(), context));
             }
-            await Transaction.RunAsync(actions, ct).ConfigureAwait(false);
+            // One instant for every action: no guest write may land between their points in time.
+            var held = new List<IDisposable>();
+            try
+            {
+                foreach (var node in NodesOf(args))
+                {
+                    held.Add(await node.QuiesceAsync(ct).ConfigureAwait(false));
+                }
+                await Transaction.RunAsync(actions, ct).ConfigureAwait(false);
+            }
+            finally
+            {
+                held.ForEach(h => h.Dispose());
+            }
             return null;
         });
+    }
+
+    /// <summary>
+    /// The nodes the actions name as their device or node. Nodes a job writes to (its targets) are left
+    /// out: they are not written by guests, and holding them could hold a copy-before-write that a
+    /// source's drain waits for.
+    /// </summary>
+    private IEnumerable<BlockNode> NodesOf(JsonObject args)
+    {
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var item in args["actions"]!.AsArray())
+        {
+            var data = item!["data"] as JsonObject;
+            foreach (var key in new[] { "device", "node" })
+            {
+                if (data?[key]?.GetValue<string>() is { } name && names.Add(name) &&
+                    graph.Find(name) is { BusyReason: null } node)
+                {
+                    yield return node;
+                }
+            }
+        }
     }
 
     /// <summary>Always fails: lets a client test that a transaction rolls back.</summary>

@@ -35,6 +35,12 @@ internal sealed class NbdTransmission : IDisposable
 
     private const int CacheChunk = 1 << 20;
 
+    /// <summary>WRITE payloads at least this large are read from the socket straight into their buffer, not through the pipe.</summary>
+    internal const int DirectPayloadThreshold = 64 * 1024;
+
+    /// <summary>Room kept in front of READ data for the reply header, so header and data go out in one write.</summary>
+    private const int ReadReplyPrefix = NbdStructuredReplyHeader.Size + 8;
+
     private readonly BlockNode _node;
     private readonly long _size;
     private readonly bool _structured;
@@ -43,6 +49,7 @@ internal sealed class NbdTransmission : IDisposable
     private readonly IExportMetaContext[] _contexts;
     private readonly uint[] _contextIds;
     private readonly PipeReader _input;
+    private readonly Stream? _inputStream;
     private readonly Stream _output;
     private readonly ILogger _logger;
     private readonly string _client;
@@ -50,7 +57,10 @@ internal sealed class NbdTransmission : IDisposable
     private readonly SemaphoreSlim _slots = new(MaxInFlight, MaxInFlight);
     private readonly CancellationTokenSource _abort;
 
-    public NbdTransmission(HandshakeResult handshake, PipeReader input, Stream output, ILogger logger, string client, CancellationToken cancellationToken)
+    /// <param name="inputStream">The stream <paramref name="input"/> was made from with <c>PipeReader.Create</c>, if any:
+    /// large WRITE payloads are then read from it directly.</param>
+    public NbdTransmission(HandshakeResult handshake, PipeReader input, Stream output, ILogger logger, string client, CancellationToken cancellationToken,
+        Stream? inputStream = null)
     {
         ArgumentNullException.ThrowIfNull(handshake);
         var export = handshake.Export;
@@ -62,6 +72,7 @@ internal sealed class NbdTransmission : IDisposable
         _contexts = handshake.MetaContextIds.Select(i => export.Contexts[i]).ToArray();
         _contextIds = handshake.MetaContextIds.Select(i => (uint)i).ToArray();
         _input = input;
+        _inputStream = inputStream;
         _output = output;
         _logger = logger;
         _client = client;
@@ -105,7 +116,11 @@ internal sealed class NbdTransmission : IDisposable
                     else
                     {
                         payload = ArrayPool<byte>.Shared.Rent((int)request.Length);
-                        if (!await _input.ReadExactAsync(payload.AsMemory(0, (int)request.Length), ct).ConfigureAwait(false))
+                        var destination = payload.AsMemory(0, (int)request.Length);
+                        var complete = _inputStream is not null && destination.Length >= DirectPayloadThreshold
+                            ? await _input.ReadExactAsync(_inputStream, destination, ct).ConfigureAwait(false)
+                            : await _input.ReadExactAsync(destination, ct).ConfigureAwait(false);
+                        if (!complete)
                         {
                             ArrayPool<byte>.Shared.Return(payload);
                             break; // a torn WRITE is dropped, never half-written
@@ -363,7 +378,8 @@ internal sealed class NbdTransmission : IDisposable
             await SendOkAsync(request.Cookie, ct).ConfigureAwait(false);
             return;
         }
-        var data = ArrayPool<byte>.Shared.Rent(length);
+        // The data is read at ReadReplyPrefix so that the usual reply, one data chunk, is one contiguous write.
+        var data = ArrayPool<byte>.Shared.Rent(ReadReplyPrefix + length);
         try
         {
             var dontFragment = (request.Flags & NbdWire.NBD_CMD_FLAG_DF) != 0;
@@ -376,7 +392,7 @@ internal sealed class NbdTransmission : IDisposable
                 {
                     if (!hole)
                     {
-                        await _node.ReadAsync(o, data.AsMemory((int)(o - offset), (int)n), ct).ConfigureAwait(false);
+                        await _node.ReadAsync(o, data.AsMemory(ReadReplyPrefix + (int)(o - offset), (int)n), ct).ConfigureAwait(false);
                     }
                 }
             }
@@ -387,6 +403,15 @@ internal sealed class NbdTransmission : IDisposable
                 // Nothing was sent for this request yet: one error chunk is the whole reply.
                 LogFailure(request, e);
                 await SendErrorAsync(request.Cookie, NbdErrors.ToNbdError(e), e.Message, ct).ConfigureAwait(false);
+                return;
+            }
+
+            if (extents.Count == 1 && !extents[0].Hole)
+            {
+                new NbdStructuredReplyHeader(NbdWire.NBD_REPLY_FLAG_DONE, NbdWire.NBD_REPLY_TYPE_OFFSET_DATA, request.Cookie, (uint)(8 + length))
+                    .WriteTo(data);
+                BinaryPrimitives.WriteUInt64BigEndian(data.AsSpan(NbdStructuredReplyHeader.Size), (ulong)offset);
+                await SendAsync(ct, data.AsMemory(0, ReadReplyPrefix + length)).ConfigureAwait(false);
                 return;
             }
 
@@ -408,7 +433,7 @@ internal sealed class NbdTransmission : IDisposable
                     new NbdStructuredReplyHeader(done, NbdWire.NBD_REPLY_TYPE_OFFSET_DATA, request.Cookie, (uint)(8 + n)).WriteTo(head);
                     BinaryPrimitives.WriteUInt64BigEndian(head.AsSpan(NbdStructuredReplyHeader.Size), (ulong)o);
                     parts.Add(head);
-                    parts.Add(data.AsMemory((int)(o - offset), (int)n));
+                    parts.Add(data.AsMemory(ReadReplyPrefix + (int)(o - offset), (int)n));
                 }
             }
             await SendAsync(ct, [.. parts]).ConfigureAwait(false);

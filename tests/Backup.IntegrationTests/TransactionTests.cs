@@ -1,0 +1,281 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using Backup.IntegrationTests.Support;
+
+namespace Backup.IntegrationTests;
+
+/// <summary>
+/// Transactions across three drives, end to end: one point in time for all backups of a transaction,
+/// all-or-nothing preparation, grouped completion with an injected target failure, and a new chain
+/// (clear + full) whose bitmap starts empty exactly at the backup's instant.
+/// </summary>
+public sealed class TransactionTests : IAsyncLifetime
+{
+    private const int MiB = 1 << 20;
+    private static readonly string[] Drives = ["d0", "d1", "d2"];
+    private string _dir = "";
+    private DaemonProcess? _daemon;
+    private QmpClient? _qmp;
+    private int _files;
+
+    private QmpClient Qmp => _qmp!;
+
+    public async Task InitializeAsync()
+    {
+        _dir = DaemonProcess.NewDirectory();
+        var args = new List<string>();
+        foreach (var d in Drives)
+        {
+            await RunAsync("qemu-img", "create", "-q", "-f", "qcow2", Path.Combine(_dir, d + ".qcow2"), "32M");
+            args.AddRange(["--blockdev", $"driver=qcow2,node-name={d},file.driver=file,file.filename={d}.qcow2"]);
+        }
+        args.AddRange(["--nbd-server", $"addr.type=unix,addr.path={Path.Combine(_dir, "nbd.sock")}"]);
+        foreach (var d in Drives)
+        {
+            args.AddRange(["--export", $"type=nbd,id=e{d},node-name={d},name={d},writable=on"]);
+        }
+        _daemon = await DaemonProcess.StartAsync(args, _dir);
+        _qmp = await _daemon.ConnectAsync();
+    }
+
+    public async Task DisposeAsync()
+    {
+        if (_qmp is not null)
+        {
+            await _qmp.DisposeAsync();
+        }
+        if (_daemon is not null)
+        {
+            await _daemon.DisposeAsync();
+        }
+    }
+
+    private static async Task<string> RunAsync(string file, params string[] args)
+    {
+        var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (var a in args)
+        {
+            psi.ArgumentList.Add(a);
+        }
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        await p.WaitForExitAsync();
+        p.ExitCode.Should().Be(0, $"{file} {string.Join(' ', args)} failed: {await stdout}{await stderr}");
+        return await stdout;
+    }
+
+    private string Uri(string drive) => $"nbd+unix:///{drive}?socket={Path.Combine(_dir, "nbd.sock")}";
+
+    private async Task WriteAllAsync(byte pattern, long offset, long length) =>
+        await Task.WhenAll(Drives.Select(d => RunAsync("qemu-io", "-f", "raw", Uri(d), "-c", $"write -P 0x{pattern:x2} {offset} {length}")));
+
+    private async Task<Dictionary<string, string>> SnapshotAllAsync()
+    {
+        var snaps = new Dictionary<string, string>();
+        foreach (var d in Drives)
+        {
+            var path = Path.Combine(_dir, $"snap{_files++}.raw");
+            await RunAsync("qemu-img", "convert", "-f", "raw", "-O", "raw", Uri(d), path);
+            snaps[d] = path;
+        }
+        return snaps;
+    }
+
+    private static JsonObject Action(string type, JsonObject data) => new() { ["type"] = type, ["data"] = data };
+
+    private async Task<JsonObject> TransactionAsync(JsonArray actions, string? completionMode = null)
+    {
+        var args = new JsonObject { ["actions"] = actions };
+        if (completionMode is not null)
+        {
+            args["properties"] = new JsonObject { ["completion-mode"] = completionMode };
+        }
+        return await Qmp.ExecuteAsync("transaction", args);
+    }
+
+    /// <summary>Collects job events until every job in <paramref name="ids"/> reached null; returns each job's sequence.</summary>
+    private async Task<Dictionary<string, string>> WaitJobsAsync(params string[] ids)
+    {
+        var seq = ids.ToDictionary(i => i, _ => new List<string>());
+        var done = new HashSet<string>();
+        while (done.Count < ids.Length)
+        {
+            var e = await Qmp.NextEventAsync(TimeSpan.FromSeconds(60));
+            var data = e["data"]!.AsObject();
+            var id = (string?)(data["id"] ?? data["device"]);
+            if (id is null || !seq.TryGetValue(id, out var list))
+            {
+                continue;
+            }
+            var name = e["event"]!.GetValue<string>();
+            var step = name == "JOB_STATUS_CHANGE" ? data["status"]!.GetValue<string>() : name;
+            list.Add(step);
+            if (step == "null")
+            {
+                done.Add(id);
+            }
+        }
+        return seq.ToDictionary(kv => kv.Key, kv => string.Join(' ', kv.Value));
+    }
+
+    private async Task<JsonObject?> BitmapAsync(string drive, string name)
+    {
+        var nodes = (await Qmp.ExecuteAsync("query-named-block-nodes"))["return"]!.AsArray();
+        var node = nodes.First(n => n!["node-name"]!.GetValue<string>() == drive)!;
+        return node["dirty-bitmaps"]?.AsArray().FirstOrDefault(b => b!["name"]?.GetValue<string>() == name)?.AsObject();
+    }
+
+    private string Target(string name) => Path.Combine(_dir, name + ".qcow2");
+
+    [Fact]
+    public async Task One_instant_for_three_drives_writes_after_it_land_in_no_backup_but_in_every_bitmap()
+    {
+        await WriteAllAsync(0x11, 0, 4 * MiB);
+        var atStart = await SnapshotAllAsync();
+        var actions = new JsonArray();
+        foreach (var d in Drives)
+        {
+            actions.Add(Action("block-dirty-bitmap-add", new JsonObject { ["node"] = d, ["name"] = "b" }));
+            actions.Add(Action("drive-backup", new JsonObject
+            {
+                ["job-id"] = "full-" + d, ["device"] = d, ["sync"] = "full", ["target"] = Target("full-" + d),
+                ["format"] = "qcow2", ["speed"] = 4 * MiB,
+            }));
+        }
+        (await TransactionAsync(actions)).Should().ContainKey("return");
+        // While the speed-limited backups run: these writes are after the instant.
+        await WriteAllAsync(0x22, 2 * MiB, MiB);
+        var jobs = await WaitJobsAsync(Drives.Select(d => "full-" + d).ToArray());
+        jobs.Values.Should().AllSatisfy(s => s.Should().EndWith("BLOCK_JOB_COMPLETED concluded null"));
+        foreach (var d in Drives)
+        {
+            await RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "raw", Target("full-" + d), atStart[d]);
+            (await BitmapAsync(d, "b"))!["count"]!.GetValue<long>().Should().Be(MiB, "the bitmap holds exactly the writes made after the instant");
+        }
+
+        await WriteAllAsync(0x33, 8 * MiB, 64 * 1024);
+        var beforeIncremental = await SnapshotAllAsync();
+        var incrementals = new JsonArray();
+        foreach (var d in Drives)
+        {
+            await RunAsync("qemu-img", "create", "-q", "-f", "qcow2", "-b", Target("full-" + d), "-F", "qcow2", Target("inc-" + d));
+            incrementals.Add(Action("drive-backup", new JsonObject
+            {
+                ["job-id"] = "inc-" + d, ["device"] = d, ["sync"] = "incremental", ["bitmap"] = "b",
+                ["target"] = Target("inc-" + d), ["format"] = "qcow2", ["mode"] = "existing",
+            }));
+        }
+        (await TransactionAsync(incrementals)).Should().ContainKey("return");
+        (await WaitJobsAsync(Drives.Select(d => "inc-" + d).ToArray())).Values
+            .Should().AllSatisfy(s => s.Should().EndWith("BLOCK_JOB_COMPLETED concluded null"));
+        foreach (var d in Drives)
+        {
+            await RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "raw", Target("inc-" + d), beforeIncremental[d]);
+            (await BitmapAsync(d, "b"))!["count"]!.GetValue<long>().Should().Be(0);
+        }
+    }
+
+    [Fact]
+    public async Task A_transaction_whose_third_action_is_invalid_leaves_no_trace()
+    {
+        await Qmp.ExecuteAsync("block-dirty-bitmap-add", new { node = "d0", name = "b" });
+        await WriteAllAsync(0x44, 0, MiB);
+        var actions = new JsonArray
+        {
+            Action("drive-backup", new JsonObject { ["job-id"] = "j0", ["device"] = "d0", ["sync"] = "incremental", ["bitmap"] = "b", ["target"] = Target("t0"), ["format"] = "qcow2" }),
+            Action("block-dirty-bitmap-add", new JsonObject { ["node"] = "d1", ["name"] = "new" }),
+            Action("drive-backup", new JsonObject { ["job-id"] = "j2", ["device"] = "d2", ["sync"] = "incremental", ["bitmap"] = "nosuch", ["target"] = Target("t2"), ["format"] = "qcow2" }),
+        };
+        var reply = await TransactionAsync(actions);
+        reply["error"]!["desc"]!.GetValue<string>().Should().Be("Bitmap 'nosuch' could not be found");
+        (await Qmp.ExecuteAsync("query-jobs"))["return"]!.AsArray().Should().BeEmpty();
+        var b = (await BitmapAsync("d0", "b"))!;
+        b["busy"]!.GetValue<bool>().Should().BeFalse();
+        b["count"]!.GetValue<long>().Should().Be(MiB, "the prepared backup gave its bitmap back untouched");
+        (await BitmapAsync("d1", "new")).Should().BeNull();
+    }
+
+    [Fact]
+    public async Task Grouped_completion_cancels_the_others_when_one_target_fails_and_a_retry_covers_every_write()
+    {
+        foreach (var d in Drives)
+        {
+            await Qmp.ExecuteAsync("block-dirty-bitmap-add", new { node = d, name = "b" });
+        }
+        await WriteAllAsync(0x55, 0, 2 * MiB);
+        await RunAsync("qemu-img", "create", "-q", "-f", "qcow2", Target("bad"), "32M");
+        (await Qmp.ExecuteAsync("blockdev-add", JsonNode.Parse($$$"""
+            {"driver": "qcow2", "node-name": "tbad", "file": {"driver": "blkdebug",
+             "image": {"driver": "file", "filename": "{{{Target("bad")}}}"},
+             "inject-error": [{"event": "write_aio", "iotype": "write", "errno": 5}]}}
+            """)!)).Should().ContainKey("return");
+        var actions = new JsonArray();
+        foreach (var d in Drives)
+        {
+            if (d == "d1")
+            {
+                actions.Add(Action("blockdev-backup", new JsonObject { ["job-id"] = "g-d1", ["device"] = d, ["target"] = "tbad", ["sync"] = "incremental", ["bitmap"] = "b" }));
+                continue;
+            }
+            actions.Add(Action("drive-backup", new JsonObject
+            {
+                ["job-id"] = "g-" + d, ["device"] = d, ["sync"] = "incremental", ["bitmap"] = "b",
+                ["target"] = Target("g-" + d), ["format"] = "qcow2",
+            }));
+        }
+        (await TransactionAsync(actions, "grouped")).Should().ContainKey("return");
+        var seq = await WaitJobsAsync("g-d0", "g-d1", "g-d2");
+        seq["g-d1"].Should().Contain("BLOCK_JOB_ERROR").And.EndWith("BLOCK_JOB_COMPLETED concluded null");
+        seq["g-d0"].Should().Contain("BLOCK_JOB_CANCELLED");
+        seq["g-d2"].Should().Contain("BLOCK_JOB_CANCELLED");
+        await WriteAllAsync(0x66, 4 * MiB, MiB);
+        foreach (var d in Drives)
+        {
+            var b = (await BitmapAsync(d, "b"))!;
+            b["busy"]!.GetValue<bool>().Should().BeFalse();
+            b["count"]!.GetValue<long>().Should().Be(3 * MiB, "old bits and the writes made since are all kept");
+        }
+
+        var snaps = await SnapshotAllAsync();
+        var retry = new JsonArray();
+        foreach (var d in Drives)
+        {
+            retry.Add(Action("drive-backup", new JsonObject
+            {
+                ["job-id"] = "r-" + d, ["device"] = d, ["sync"] = "incremental", ["bitmap"] = "b",
+                ["target"] = Target("r-" + d), ["format"] = "qcow2",
+            }));
+        }
+        (await TransactionAsync(retry, "grouped")).Should().ContainKey("return");
+        (await WaitJobsAsync("r-d0", "r-d1", "r-d2")).Values.Should().AllSatisfy(s => s.Should().EndWith("BLOCK_JOB_COMPLETED concluded null"));
+        foreach (var d in Drives)
+        {
+            // The incremental alone (no backing) holds exactly the dirty data: compare the allocated part.
+            var map = await RunAsync("qemu-img", "map", "--output=json", "-f", "qcow2", Target("r-" + d));
+            var allocated = JsonNode.Parse(map)!.AsArray().Where(e => e!["data"]!.GetValue<bool>()).Sum(e => e!["length"]!.GetValue<long>());
+            allocated.Should().Be(3 * MiB);
+            (await BitmapAsync(d, "b"))!["count"]!.GetValue<long>().Should().Be(0);
+        }
+        snaps.Should().HaveCount(3);
+    }
+
+    [Fact]
+    public async Task A_new_chain_clears_the_bitmap_exactly_at_the_full_backups_instant()
+    {
+        await Qmp.ExecuteAsync("block-dirty-bitmap-add", new { node = "d0", name = "b" });
+        await WriteAllAsync(0x77, 0, 4 * MiB);
+        var atStart = await SnapshotAllAsync();
+        var reply = await TransactionAsync(new JsonArray
+        {
+            Action("block-dirty-bitmap-clear", new JsonObject { ["node"] = "d0", ["name"] = "b" }),
+            Action("drive-backup", new JsonObject { ["job-id"] = "nc", ["device"] = "d0", ["sync"] = "full", ["target"] = Target("nc"), ["format"] = "qcow2", ["speed"] = 4 * MiB }),
+        });
+        reply.Should().ContainKey("return");
+        (await BitmapAsync("d0", "b"))!["count"]!.GetValue<long>().Should().Be(0);
+        await RunAsync("qemu-io", "-f", "raw", Uri("d0"), "-c", "write -P 0x78 1M 64k");
+        (await WaitJobsAsync("nc"))["nc"].Should().EndWith("BLOCK_JOB_COMPLETED concluded null");
+        await RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "raw", Target("nc"), atStart["d0"]);
+        (await BitmapAsync("d0", "b"))!["count"]!.GetValue<long>().Should().Be(64 * 1024, "only the write after the instant");
+    }
+}

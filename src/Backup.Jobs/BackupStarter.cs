@@ -37,16 +37,32 @@ public sealed record BackupRequest
 public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
 {
     /// <summary>blockdev-backup.</summary>
-    public BackupJob StartBlockdevBackup(BackupRequest request)
+    public BackupJob StartBlockdevBackup(BackupRequest request) => BlockdevBackup(request, start: true);
+
+    /// <summary>
+    /// blockdev-backup in a transaction's prepare step: the job exists (created) and copy-before-write
+    /// already holds the point in time; <see cref="JobManager.Start"/> it at commit or
+    /// <see cref="Job.AbortUnstarted"/> at abort.
+    /// </summary>
+    public BackupJob PrepareBlockdevBackup(BackupRequest request) => BlockdevBackup(request, start: false);
+
+    private BackupJob BlockdevBackup(BackupRequest request, bool start)
     {
         ArgumentNullException.ThrowIfNull(request);
         var source = Lookup(request.Device);
         var target = Lookup(request.Target!);
-        return Start(request, source, target, null);
+        return Start(request, source, target, null, start);
     }
 
     /// <summary>drive-backup: opens (mode existing) or creates (absolute-paths) the target image first.</summary>
-    public async Task<BackupJob> StartDriveBackupAsync(BackupRequest request, CancellationToken cancellationToken)
+    public Task<BackupJob> StartDriveBackupAsync(BackupRequest request, CancellationToken cancellationToken) =>
+        DriveBackupAsync(request, start: true, cancellationToken);
+
+    /// <summary>drive-backup in a transaction's prepare step (see <see cref="PrepareBlockdevBackup"/>).</summary>
+    public Task<BackupJob> PrepareDriveBackupAsync(BackupRequest request, CancellationToken cancellationToken) =>
+        DriveBackupAsync(request, start: false, cancellationToken);
+
+    private async Task<BackupJob> DriveBackupAsync(BackupRequest request, bool start, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(request);
         var source = Lookup(request.Device);
@@ -87,7 +103,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         var target = await graph.OpenOwnedAsync(options, cancellationToken).ConfigureAwait(false);
         try
         {
-            return Start(request with { Sync = sync }, source, target, () => graph.ReleaseAsync(target));
+            return Start(request with { Sync = sync }, source, target, () => graph.ReleaseAsync(target), start);
         }
         catch
         {
@@ -96,7 +112,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         }
     }
 
-    private BackupJob Start(BackupRequest r, BlockNode source, BlockNode target, Func<ValueTask>? release)
+    private BackupJob Start(BackupRequest r, BlockNode source, BlockNode target, Func<ValueTask>? release, bool start)
     {
         var sync = r.Sync;
         var hasMode = r.BitmapMode is not null;
@@ -205,7 +221,14 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             MaxWorkers = (int)Math.Min(r.MaxWorkers ?? 0, int.MaxValue),
             ReleaseTarget = release,
         });
-        jobs.Start(job);
+        if (start)
+        {
+            jobs.Start(job);
+        }
+        else
+        {
+            jobs.Create(job);
+        }
         return job;
     }
 

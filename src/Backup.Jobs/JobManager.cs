@@ -60,13 +60,29 @@ public sealed class JobManager(Func<IEventSink> events)
         ArgumentNullException.ThrowIfNull(job);
         lock (Sync)
         {
+            if (job.Status == JobStatus.Undefined)
+            {
+                Create(job);
+            }
+            job.StartLocked();
+        }
+    }
+
+    /// <summary>
+    /// Registers a new job without starting it (JOB_STATUS_CHANGE created): a transaction's prepare step.
+    /// Then <see cref="Start"/> it (commit) or <see cref="Job.AbortUnstarted"/> (abort).
+    /// </summary>
+    public void Create(Job job)
+    {
+        ArgumentNullException.ThrowIfNull(job);
+        lock (Sync)
+        {
             if (_jobs.Exists(j => j.Id == job.Id))
             {
                 throw new BlockException($"Job ID '{job.Id}' already in use");
             }
             _jobs.Add(job);
             job.TransitionLocked(JobStatus.Created);
-            job.StartLocked();
         }
     }
 

@@ -22,6 +22,7 @@ public sealed record BackupRequest
     public bool AutoDismiss { get; init; } = true;
     public long? MaxWorkers { get; init; }
     public long? MaxChunk { get; init; }
+    public long? MinClusterSize { get; init; }
     /// <summary>blockdev-backup: the target node.</summary>
     public string? Target { get; init; }
     /// <summary>drive-backup: the target file, its format and mode (existing, absolute-paths).</summary>
@@ -179,6 +180,10 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         {
             throw new BlockException("max-chunk must be zero (which means no limit) or positive");
         }
+        if (r.MinClusterSize is { } min && (min <= 0 || (min & (min - 1)) != 0 || min > DirtyBitmapSet.MaxGranularity))
+        {
+            throw new BlockException("min-cluster-size needs to be a power of 2");
+        }
         if (bitmap is not null && mode != BitmapSyncMode.Never)
         {
             bitmap.Check(BitmapCheck.Default);
@@ -187,7 +192,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         {
             throw new BlockException("Source and target image have different sizes");
         }
-        var cluster = BackupJob.ClusterSize(target);
+        var cluster = Math.Max(BackupJob.ClusterSize(target), r.MinClusterSize ?? 0);
         if (r.MaxChunk is > 0 and var chunk && chunk < cluster)
         {
             throw new BlockException($"Required max-chunk ({chunk}) is less than backup cluster size ({cluster})");
@@ -219,6 +224,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             OnTargetError = r.OnTargetError ?? "report",
             MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
             MaxWorkers = (int)Math.Min(r.MaxWorkers ?? 0, int.MaxValue),
+            MinClusterSize = r.MinClusterSize ?? 0,
             ReleaseTarget = release,
         });
         if (start)

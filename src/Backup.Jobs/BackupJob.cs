@@ -25,6 +25,8 @@ public sealed record BackupSettings
     public int MaxChunk { get; init; }
     /// <summary>Parallel copies of the job (x-perf max-workers); 0 for the default.</summary>
     public int MaxWorkers { get; init; }
+    /// <summary>x-perf min-cluster-size: the copy unit is at least this (a power of two); 0 for none.</summary>
+    public long MinClusterSize { get; init; }
     /// <summary>Called once the job no longer uses the target (drive-backup closes the node it opened).</summary>
     public Func<ValueTask>? ReleaseTarget { get; init; }
 }
@@ -69,7 +71,7 @@ public sealed class BackupJob : Job, IWriteObserver
     {
         ArgumentNullException.ThrowIfNull(backup);
         _s = backup;
-        _cluster = ClusterSize(backup.Target);
+        _cluster = Math.Max(ClusterSize(backup.Target), backup.MinClusterSize);
         _maxChunk = (int)Math.Max(_cluster, backup.MaxChunk > 0 ? Math.Min(backup.MaxChunk, 64 << 20) : DefaultChunk);
         _maxChunk -= (int)(_maxChunk % _cluster);
         _workers = backup.MaxWorkers > 0 ? Math.Min(backup.MaxWorkers, DefaultWorkers) : DefaultWorkers;

@@ -22,6 +22,7 @@ public sealed record BackupRequest
     public bool AutoDismiss { get; init; } = true;
     public long? MaxWorkers { get; init; }
     public long? MaxChunk { get; init; }
+    public long? MinClusterSize { get; init; }
     /// <summary>blockdev-backup: the target node.</summary>
     public string? Target { get; init; }
     /// <summary>drive-backup: the target file, its format and mode (existing, absolute-paths).</summary>
@@ -229,6 +230,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             OnTargetError = r.OnTargetError ?? "report",
             MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
             MaxWorkers = (int)Math.Min(r.MaxWorkers ?? 0, int.MaxValue),
+            MinClusterSize = r.MinClusterSize ?? 0,
             ReleaseTarget = release,
         });
         return job;

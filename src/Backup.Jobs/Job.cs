@@ -235,20 +235,13 @@ public abstract class Job
         Manager.Emit("JOB_STATUS_CHANGE", [new("id", Id), new("status", to.WireName())]);
     }
 
-    /// <summary>A job that was prepared in a transaction that then failed: it never ran; QSD's events are created aborting concluded null.</summary>
-    internal void DiscardLocked()
-    {
-        Error = "Operation canceled";
-        Transition(JobStatus.Aborting);
-        Abort();
-        Clean();
-        Transition(JobStatus.Concluded);
-        DismissLocked();
-    }
-
     /// <summary>created → running; the work starts on the thread pool.</summary>
     internal void StartLocked()
     {
+        if (Status != JobStatus.Created)
+        {
+            throw new InvalidOperationException($"job '{Id}' cannot start in state {Status}");
+        }
         Transition(JobStatus.Running);
         _task = Task.Run(RunWrapperAsync);
     }
@@ -436,6 +429,11 @@ public abstract class Job
         {
             return;
         }
+        if (Status == JobStatus.Created)
+        {
+            AbortUnstartedLocked();
+            return;
+        }
         IsCancelled = true;
         if (Status is JobStatus.Waiting or JobStatus.Pending)
         {
@@ -451,6 +449,33 @@ public abstract class Job
         }
         _cancel.Cancel();
         Kick();
+    }
+
+    /// <summary>
+    /// A transaction aborted after its prepare step created this job: created → aborting → concluded →
+    /// null, undoing what creation did; no BLOCK_JOB_* event, as QEMU emits those only for started jobs.
+    /// </summary>
+    public void AbortUnstarted()
+    {
+        lock (Sync)
+        {
+            if (Status != JobStatus.Created)
+            {
+                throw new InvalidOperationException($"job '{Id}' was started");
+            }
+            AbortUnstartedLocked();
+        }
+    }
+
+    private void AbortUnstartedLocked()
+    {
+        IsCancelled = true;
+        Error = "Operation canceled";
+        Transition(JobStatus.Aborting);
+        Abort();
+        Clean();
+        Transition(JobStatus.Concluded);
+        DismissLocked();
     }
 
     public void SetSpeed(long speed)

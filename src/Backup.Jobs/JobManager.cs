@@ -86,15 +86,6 @@ public sealed class JobManager(Func<IEventSink> events)
         }
     }
 
-    /// <summary>A transaction's abort: a job that never ran goes created → aborting → concluded → null, undoing its set-up.</summary>
-    public void Discard(Job job)
-    {
-        ArgumentNullException.ThrowIfNull(job);
-        lock (Sync)
-        {
-            job.DiscardLocked();
-        }
-    }
 
     /// <summary>Daemon shutdown: cancels every job that can be and waits (bounded) for their work to end.</summary>
     public async Task CancelAllAsync(TimeSpan timeout)

@@ -286,4 +286,31 @@ public sealed class BackupJobTests : IAsyncLifetime
         await RunAsync("qemu-img", "check", "-q", Path.Combine(_dir, "t.qcow2"));
         await RunAsync("qemu-img", "check", "-q", Path.Combine(_dir, "disk.qcow2"));
     }
+
+    [Fact]
+    public async Task Drive_backup_sync_top_copies_the_top_layer_over_the_same_backing()
+    {
+        var baseImage = Path.Combine(_dir, "base.qcow2");
+        var top = Path.Combine(_dir, "top.qcow2");
+        await RunAsync("qemu-img", "create", "-q", "-f", "qcow2", baseImage, "64M");
+        await RunAsync("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4M", baseImage);
+        await RunAsync("qemu-img", "create", "-q", "-f", "qcow2", "-b", baseImage, "-F", "qcow2", top);
+        await RunAsync("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 1M 128k", top);
+        await ExecuteOkAsync("blockdev-add", new JsonObject
+        {
+            ["driver"] = "qcow2", ["node-name"] = "vm",
+            ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = top },
+        });
+        var target = Path.Combine(_dir, "topcopy.qcow2");
+        await ExecuteOkAsync("drive-backup", new JsonObject
+        {
+            ["job-id"] = "t", ["device"] = "vm", ["sync"] = "top", ["target"] = target, ["format"] = "qcow2",
+        });
+        var events = await JobEventsAsync("t");
+        events.Single(e => e["event"]!.GetValue<string>() == "BLOCK_JOB_COMPLETED")["data"]!["len"]!.GetValue<long>()
+            .Should().Be(2 * 65536, "only the top layer's two clusters");
+        var info = await RunAsync("qemu-img", "info", "--output=json", target);
+        JsonNode.Parse(info)!["backing-filename"]!.GetValue<string>().Should().Be(baseImage);
+        await RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", target, top);
+    }
 }

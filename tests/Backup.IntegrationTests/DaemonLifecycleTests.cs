@@ -90,6 +90,11 @@ public class DaemonLifecycleTests
         }.ToJsonString());
         await using var d = await DaemonProcess.StartAsync(["--config", config, "--log-level", "debug"], dir);
         await using var a = await d.ConnectAsync();
+        // The listeners are bound one after another; the test waited only for the first.
+        for (var i = 0; i < 500 && !File.Exists(second); i++)
+        {
+            await Task.Delay(20);
+        }
         await using var b = await QmpClient.ConnectAsync(second);
         (await a.ExecuteAsync("query-named-block-nodes"))["return"]!.AsArray().Should().ContainSingle();
         (await b.ExecuteAsync("query-named-block-nodes"))["return"]!.AsArray().Should().ContainSingle();

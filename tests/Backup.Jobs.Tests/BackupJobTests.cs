@@ -193,4 +193,36 @@ public class BackupJobTests
         _log.Value("BLOCK_JOB_COMPLETED", "error").Should().Be("Input/output error");
         _jobs.Jobs.Should().BeEmpty();
     }
+
+    [Fact]
+    public async Task Prepared_job_aborts_without_block_job_events_or_starts_later()
+    {
+        var src = new ByteNode(2 * MiB, "src");
+        var b0 = src.GetDirtyBitmaps().Add("b0");
+        await Fill(src, 0, MiB, 0x7b);
+        var job = new BackupJob(_jobs, new JobSettings("t1"), new BackupSettings
+        {
+            Source = src, Target = new ByteNode(2 * MiB, "tgt"), Sync = BackupSyncMode.Bitmap, Bitmap = b0,
+        });
+        _jobs.Register(job);
+        b0.Busy.Should().BeTrue();
+        job.AbortUnstarted();
+        _log.Sequence("t1").Should().Be("created aborting concluded null");
+        b0.Busy.Should().BeFalse();
+        b0.Count.Should().Be(MiB);
+        src.WriteObservers.Should().NotContain(o => o is BackupJob);
+
+        var tgt = new ByteNode(2 * MiB, "tgt2");
+        var job2 = new BackupJob(_jobs, new JobSettings("t2"), new BackupSettings
+        {
+            Source = src, Target = tgt, Sync = BackupSyncMode.Bitmap, Bitmap = b0,
+        });
+        _jobs.Register(job2);
+        await Fill(src, 0, 4096, 0x7c);
+        _jobs.Run(job2);
+        await Done("t2");
+        _log.Sequence("t2").Should().Be("created running waiting pending BLOCK_JOB_COMPLETED concluded null");
+        tgt.Snapshot().AsSpan(0, 4096).ToArray().Should().OnlyContain(b => b == 0x7b, "the point in time is the prepare");
+        b0.Count.Should().Be(65536, "the write after prepare is in the bitmap");
+    }
 }

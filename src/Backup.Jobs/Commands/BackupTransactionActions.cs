@@ -46,7 +46,7 @@ public sealed class BackupTransactionActions(BackupStarter starter, JobManager j
         {
             if (_job is { } job)
             {
-                jobs.Discard(job);
+                job.AbortUnstarted();
             }
         }
 

@@ -70,6 +70,13 @@ internal static class Program
             await Console.Error.WriteLineAsync("backupd: " + e.Message).ConfigureAwait(false);
             return 1;
         }
+        catch (OperationCanceledException) when (lifetime.ApplicationStopping.IsCancellationRequested)
+        {
+            // A signal (or quit) between start-up and the host's start: the host refuses to start, so
+            // stop here exactly as a later signal would — every node flushed and closed, sockets removed.
+            await host.Services.GetRequiredService<BackupDaemon>().StopAsync(CancellationToken.None).ConfigureAwait(false);
+            return 0;
+        }
         await host.WaitForShutdownAsync().ConfigureAwait(false);
         return 0;
     }

@@ -47,20 +47,7 @@ public sealed class BackupJobTests : IAsyncLifetime
         }
     }
 
-    private static async Task<string> RunAsync(string file, params string[] args)
-    {
-        var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (var a in args)
-        {
-            psi.ArgumentList.Add(a);
-        }
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEndAsync();
-        var stderr = p.StandardError.ReadToEndAsync();
-        await p.WaitForExitAsync();
-        p.ExitCode.Should().Be(0, $"{file} {string.Join(' ', args)} failed: {await stdout}{await stderr}");
-        return await stdout;
-    }
+    private static Task<string> RunAsync(string file, params string[] args) => Tool.RunAsync(file, args);
 
     private Task<string> GuestWriteAsync(byte pattern, long offset, long length) =>
         RunAsync("qemu-io", "-f", "raw", Nbd, "-c", $"write -P 0x{pattern:x2} {offset} {length}");

@@ -71,9 +71,25 @@ public class DaemonLifecycleTests
         await using var d = await DaemonProcess.StartAsync(["--blockdev", "driver=file,node-name=file0,filename=d.img"], dir);
         await using var qmp = await d.ConnectAsync();
         d.Signal(signal);
-        (await d.WaitForExitAsync(TimeSpan.FromSeconds(30))).Should().Be(0);
+        var code = await d.WaitForExitAsync(TimeSpan.FromSeconds(30));
+        await Task.Delay(200); // stderr is collected asynchronously
+        code.Should().Be(0, d.Stderr);
         File.Exists(d.QmpSocket).Should().BeFalse();
         d.Stderr.Should().NotContain("[ERR]").And.NotContain("Unhandled");
+    }
+
+    [Fact]
+    public async Task A_signal_the_moment_the_socket_appears_is_a_clean_stop()
+    {
+        // The socket exists before the host has started; a signal in that window once crashed the daemon.
+        var dir = DaemonProcess.NewDirectory();
+        Disk(dir);
+        await using var d = await DaemonProcess.StartAsync(["--blockdev", "driver=file,node-name=file0,filename=d.img"], dir);
+        d.Signal(15);
+        var code = await d.WaitForExitAsync(TimeSpan.FromSeconds(30));
+        await Task.Delay(200); // stderr is collected asynchronously
+        code.Should().Be(0, d.Stderr);
+        File.Exists(d.QmpSocket).Should().BeFalse();
     }
 
     [Fact]

@@ -50,20 +50,7 @@ public sealed class TransactionTests : IAsyncLifetime
         }
     }
 
-    private static async Task<string> RunAsync(string file, params string[] args)
-    {
-        var psi = new ProcessStartInfo(file) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (var a in args)
-        {
-            psi.ArgumentList.Add(a);
-        }
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEndAsync();
-        var stderr = p.StandardError.ReadToEndAsync();
-        await p.WaitForExitAsync();
-        p.ExitCode.Should().Be(0, $"{file} {string.Join(' ', args)} failed: {await stdout}{await stderr}");
-        return await stdout;
-    }
+    private static Task<string> RunAsync(string file, params string[] args) => Tool.RunAsync(file, args);
 
     private string Uri(string drive) => $"nbd+unix:///{drive}?socket={Path.Combine(_dir, "nbd.sock")}";
 

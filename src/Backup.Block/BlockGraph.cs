@@ -81,6 +81,10 @@ public sealed class BlockGraph
         }
     }
 
+    /// <summary>A node by name, or QEMU's error for a device or node that does not exist (bdrv_lookup_bs).</summary>
+    public BlockNode Get(string name) =>
+        Find(name) ?? throw new BlockException($"Cannot find device='{name}' nor node-name='{name}'");
+
     /// <summary>Parents of a node: the nodes that hold it as a child.</summary>
     public IReadOnlyList<BlockNode> ParentsOf(BlockNode node)
     {
@@ -142,8 +146,7 @@ public sealed class BlockGraph
         switch (parent.Options[key])
         {
             case string reference:
-                return Find(reference) ?? throw new BlockException(
-                    $"Cannot find device='{reference}' nor node-name='{reference}'");
+                return Get(reference);
             case BlockOptions nested:
                 return await OpenAsync(nested, parent, cancellationToken).ConfigureAwait(false);
             case null when required:
@@ -342,9 +345,7 @@ public sealed class BlockGraph
     public static void ValidateNodeName(string name)
     {
         ArgumentNullException.ThrowIfNull(name);
-        var ok = name.Length > 0 && char.IsAsciiLetter(name[0]) &&
-                 name.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_');
-        if (!ok)
+        if (!Identifier.IsWellFormed(name))
         {
             throw new BlockException("Invalid node-name: '" + name + "'");
         }
@@ -358,9 +359,7 @@ public sealed class BlockGraph
     public static void ValidateObjectId(string id)
     {
         ArgumentNullException.ThrowIfNull(id);
-        var ok = id.Length > 0 && char.IsAsciiLetter(id[0]) &&
-                 id.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_');
-        if (!ok)
+        if (!Identifier.IsWellFormed(id))
         {
             throw new BlockException($"Parameter 'id' expects an identifier");
         }

@@ -52,16 +52,9 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
     public BackupJob PrepareBlockdevBackup(BackupRequest request)
     {
         ArgumentNullException.ThrowIfNull(request);
-        var source = Lookup(request.Device);
-        var target = Lookup(request.Target!);
+        var source = graph.Get(request.Device);
+        var target = graph.Get(request.Target!);
         return Prepare(request, source, target, null);
-    }
-
-    /// <summary>The node a backup request reads from, for quiescing before its point in time.</summary>
-    public BlockNode Source(BackupRequest request)
-    {
-        ArgumentNullException.ThrowIfNull(request);
-        return Lookup(request.Device);
     }
 
     /// <summary>drive-backup: opens (mode existing) or creates (absolute-paths) the target image first.</summary>
@@ -76,7 +69,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
     public async Task<BackupJob> PrepareDriveBackupAsync(BackupRequest request, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(request);
-        var source = Lookup(request.Device);
+        var source = graph.Get(request.Device);
         var mode = request.Mode ?? "absolute-paths";
         var path = request.TargetFile!;
         var format = request.Format ?? (mode == "existing" ? null : source.DriverName);
@@ -236,8 +229,6 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         return job;
     }
 
-    private BlockNode Lookup(string name) =>
-        graph.Find(name) ?? throw new BlockException($"Cannot find device='{name}' nor node-name='{name}'");
 
     private static BitmapSyncMode ParseMode(string? mode) => mode switch
     {

@@ -42,9 +42,7 @@ public sealed class JobManager(Func<IEventSink> events)
     public void CheckNewId(string? id)
     {
         id ??= "";
-        var ok = id.Length > 0 && char.IsAsciiLetter(id[0]) &&
-                 id.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_');
-        if (!ok)
+        if (!Identifier.IsWellFormed(id))
         {
             throw new BlockException($"Invalid job ID '{id}'");
         }

@@ -393,7 +393,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
     public NbdExport AddExport(NbdExportOptions options, string? iothread = null)
     {
         ArgumentNullException.ThrowIfNull(options);
-        if (!IsWellFormedId(options.Id))
+        if (!Identifier.IsWellFormed(options.Id))
         {
             throw new BlockException("Invalid block export id");
         }
@@ -506,7 +506,4 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
         _events().Emit("BLOCK_EXPORT_DELETED", [new("id", export.Id)]);
     }
 
-    /// <summary>QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'.</summary>
-    private static bool IsWellFormedId(string id) =>
-        id.Length > 0 && char.IsAsciiLetter(id[0]) && id.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_');
 }

@@ -49,7 +49,7 @@ public sealed class BitmapActions(BlockGraph graph)
         var name = args["name"]!.GetValue<string>();
         DirtyBitmapSet.CheckNameNotEmpty(name);
         var nodeName = args["node"]!.GetValue<string>();
-        var node = graph.Find(nodeName) ?? throw new BlockException($"Cannot find device='{nodeName}' nor node-name='{nodeName}'");
+        var node = graph.Get(nodeName);
         var granularity = args["granularity"]?.GetValue<long>();
         if (granularity is { } g)
         {

@@ -36,7 +36,7 @@ public sealed class QemuIoCommand(BlockGraph graph) : ICommandModule
         {
             throw new BlockException("Usage: qemu-io [-d] NODE \"SUBCOMMAND\"");
         }
-        var node = graph.Find(rest[0]) ?? throw new BlockException($"Cannot find device='{rest[0]}' nor node-name='{rest[0]}'");
+        var node = graph.Get(rest[0]);
         var sub = Split(rest[1]);
         if (sub.Count == 0)
         {

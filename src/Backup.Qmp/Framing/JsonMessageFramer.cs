@@ -29,7 +29,6 @@ public sealed class JsonMessageFramer(int maxMessageBytes, int maxDepth = 1024)
     private long _scanned;
     private bool _inValue;
     private bool _skippingToNewline;
-    private string? _pendingError;
 
     public int MaxMessageBytes { get; } = maxMessageBytes;
 
@@ -55,11 +54,6 @@ public sealed class JsonMessageFramer(int maxMessageBytes, int maxDepth = 1024)
             }
             buffer = buffer.Slice(buffer.GetPosition(1, nl.Value));
             _skippingToNewline = false;
-            if (_pendingError is not null)
-            {
-                // The error was reported when it was found; nothing more to say.
-                _pendingError = null;
-            }
         }
 
         var reader = new Utf8JsonReader(buffer.Slice(_scanned), isFinalBlock: false, _state);
@@ -132,7 +126,6 @@ public sealed class JsonMessageFramer(int maxMessageBytes, int maxDepth = 1024)
         if (nl is null)
         {
             _skippingToNewline = true;
-            _pendingError = LastError;
             consumed = examined = buffer.End;
         }
         else

@@ -217,6 +217,9 @@ public abstract class BlockNode : IAsyncDisposable
         return release;
     }
 
+    /// <summary>True while someone holds the node quiesced (a transaction taking its instant).</summary>
+    public bool IsQuiesced => Volatile.Read(ref _quiesced) is not null;
+
     private sealed class Quiesced(BlockNode node, TaskCompletionSource gate) : IDisposable
     {
         public void Dispose()

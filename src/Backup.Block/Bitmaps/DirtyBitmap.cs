@@ -21,8 +21,10 @@ public enum BitmapCheck
 /// <param name="Name">Null for the anonymous bitmaps a job creates (successor, copy bitmap).</param>
 /// <param name="Count">Dirty bytes: dirty chunks × granularity, not clipped to the node size.</param>
 /// <param name="Inconsistent">Reported only when true.</param>
+/// <param name="CrashConsistent">Our extension, reported only when true.</param>
 public sealed record DirtyBitmapInfo(
-    string? Name, bool Recording, bool Persistent, bool Busy, long Granularity, long Count, bool Inconsistent);
+    string? Name, bool Recording, bool Persistent, bool Busy, long Granularity, long Count, bool Inconsistent,
+    bool CrashConsistent = false);
 
 /// <summary>
 /// A dirty bitmap on a node: named (user-created) or anonymous (a job's successor or copy bitmap).
@@ -57,6 +59,7 @@ public sealed class DirtyBitmap
     private volatile bool _inconsistent;
     private volatile bool _readOnly;
     private volatile DirtyBitmap? _successor;
+    private volatile CrashConsistentTracker? _crashTracker;
     private int _metaBytesPerBit;
 
     internal DirtyBitmap(DirtyBitmapSet owner, string? name, long granularity, long size, bool enabled, long sequence)
@@ -104,6 +107,16 @@ public sealed class DirtyBitmap
 
     public bool IsFrozen => _successor is not null;
 
+    /// <summary>
+    /// Keeps the bitmap crash-consistent in its image (our extension; see <see cref="CrashConsistentTracker"/>),
+    /// or null. Set by the node that stores the bitmap.
+    /// </summary>
+    public CrashConsistentTracker? CrashTracker
+    {
+        get => _crashTracker;
+        set => _crashTracker = value;
+    }
+
     /// <summary>Dirty bytes (dirty chunks × granularity), as QMP reports <c>count</c>.</summary>
     public long Count => Bits.DirtyByteCount;
 
@@ -135,7 +148,7 @@ public sealed class DirtyBitmap
     // ------------------------------------------------------------------ reads
 
     /// <summary>The query entry.</summary>
-    public DirtyBitmapInfo GetInfo() => new(Name, Recording, _persistent, _busy, Granularity, Count, _inconsistent);
+    public DirtyBitmapInfo GetInfo() => new(Name, Recording, _persistent, _busy, Granularity, Count, _inconsistent, _crashTracker is not null);
 
     /// <summary>x-debug-block-dirty-bitmap-sha256.</summary>
     public string Sha256() => Bits.Sha256();

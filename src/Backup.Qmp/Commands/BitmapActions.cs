@@ -23,7 +23,7 @@ public sealed class BitmapActions(BlockGraph graph)
         ArgumentNullException.ThrowIfNull(context);
         return type switch
         {
-            "block-dirty-bitmap-add" => new Action(type, context, Sync(() => Add(data)), b => b.Owner.Release(b), null, null),
+            "block-dirty-bitmap-add" => new Action(type, context, ct => AddAsync(data, ct), Discard, null, null),
             "block-dirty-bitmap-remove" => Remove(type, data, context),
             "block-dirty-bitmap-clear" => Backed(type, data, context, b => { b.Check(BitmapCheck.Default); return b.ClearWithBackup(); }),
             "block-dirty-bitmap-enable" => Toggle(type, data, context, enable: true),
@@ -44,8 +44,44 @@ public sealed class BitmapActions(BlockGraph graph)
 
     private DirtyBitmap Get(JsonObject args) => Set(args).Get(args["name"]!.GetValue<string>());
 
-    private DirtyBitmap Add(JsonObject args)
+    private async ValueTask<DirtyBitmap> AddAsync(JsonObject args, CancellationToken cancellationToken)
     {
+        var bitmap = Add(args, out var crashStore);
+        if (crashStore is not null)
+        {
+            try
+            {
+                // No write may be in flight between storing the bitmap and journaling it; a transaction
+                // has drained the node already.
+                using var drained = bitmap.Node.IsQuiesced ? null : await bitmap.Node.QuiesceAsync(cancellationToken).ConfigureAwait(false);
+                await crashStore.KeepCrashConsistentAsync(bitmap, cancellationToken).ConfigureAwait(false);
+            }
+            catch
+            {
+                bitmap.Owner.Release(bitmap);
+                throw;
+            }
+        }
+        return bitmap;
+    }
+
+    /// <summary>
+    /// Undoes an add. A crash-consistent bitmap stops being journaled; its stored entry goes at the next
+    /// clean close, like any stored bitmap the node no longer has.
+    /// </summary>
+    private static void Discard(DirtyBitmap bitmap)
+    {
+        if (bitmap.CrashTracker is { } tracker)
+        {
+            bitmap.CrashTracker = null;
+            _ = tracker.DetachAsync();
+        }
+        bitmap.Owner.Release(bitmap);
+    }
+
+    private DirtyBitmap Add(JsonObject args, out ICrashConsistentBitmapStore? crashStore)
+    {
+        crashStore = null;
         var name = args["name"]!.GetValue<string>();
         DirtyBitmapSet.CheckNameNotEmpty(name);
         var nodeName = args["node"]!.GetValue<string>();
@@ -59,6 +95,16 @@ public sealed class BitmapActions(BlockGraph graph)
         if (persistent)
         {
             CheckCanStore(node, name, granularity ?? DirtyBitmapSet.DefaultGranularity(node));
+        }
+        if (args["crash-consistent"]?.GetValue<bool>() ?? false)
+        {
+            if (!persistent)
+            {
+                throw new BlockException($"Bitmap '{name}' must be persistent to be crash-consistent");
+            }
+            crashStore = node as ICrashConsistentBitmapStore ?? throw new BlockException(
+                $"Can't make bitmap '{name}' crash-consistent in '{node.NodeName}': Operation not supported");
+            crashStore.CheckCanKeepCrashConsistent(name);
         }
         return node.GetDirtyBitmaps().Add(name, granularity, persistent, args["disabled"]?.GetValue<bool>() ?? false);
     }
@@ -163,7 +209,7 @@ public sealed class BitmapActions(BlockGraph graph)
     {
         DirtyBitmapBackup? backup = null;
         return new Action(type, context,
-            Sync(() =>
+            async ct =>
             {
                 var set = Set(data);
                 var target = set.Get(data["target"]!.GetValue<string>());
@@ -173,8 +219,14 @@ public sealed class BitmapActions(BlockGraph graph)
                     sources.Add(s is JsonObject external ? Get(external) : set.Get(s!.GetValue<string>()));
                 }
                 backup = DirtyBitmapSet.Merge(target, sources, withBackup: true);
+                if (target.CrashTracker is { } tracker)
+                {
+                    // Merged bits never passed the write path: journal them before the merge counts.
+                    // Aborting leaves them on disk, which only over-approximates.
+                    await tracker.PersistBitsAsync(ct).ConfigureAwait(false);
+                }
                 return target;
-            }),
+            },
             _ => backup?.Restore(),
             null,
             () => backup?.Dispose());

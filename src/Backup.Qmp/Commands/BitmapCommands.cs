@@ -64,6 +64,10 @@ public sealed class BitmapCommands(BlockGraph graph) : ICommandModule, Transacti
             {
                 o["inconsistent"] = true;
             }
+            if (b.CrashConsistent)
+            {
+                o["crash-consistent"] = true;
+            }
             list.Add(o);
         }
         return list;

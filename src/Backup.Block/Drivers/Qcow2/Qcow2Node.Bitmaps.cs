@@ -65,10 +65,11 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
         }
 
         var set = this.GetDirtyBitmaps();
+        var crash = ReadCrashConsistentNames();
         foreach (var e in entries)
         {
             var bitmap = set.Add(e.Name, e.Granularity, persistent: true, disabled: !e.Auto);
-            if (e.InUse)
+            if (e.InUse && !IsCrashConsistent(crash, e))
             {
                 // In use on disk: the last writer did not close the image cleanly, the bits are stale.
                 bitmap.SetInconsistent();
@@ -93,6 +94,7 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
             await _file.FlushAsync(cancellationToken).ConfigureAwait(false);
             _bitmapDirectory = marked;
         }
+        await ResumeCrashConsistencyAsync(crash, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>Fills <paramref name="bits"/> from the entry's bitmap table and data clusters.</summary>
@@ -168,7 +170,13 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
             {
                 return;
             }
+            var wasCrashConsistent = _crashRegions.ContainsKey(name);
+            await StopCrashConsistencyAsync(name, forget: true).ConfigureAwait(false);
             await RewriteBitmapsLockedAsync([], [name], inUse: false, cancellationToken).ConfigureAwait(false);
+            if (wasCrashConsistent)
+            {
+                await WriteCrashConsistentHeaderLockedAsync(cancellationToken).ConfigureAwait(false);
+            }
         }
         finally
         {

@@ -150,7 +150,7 @@ public sealed partial class Qcow2Node : BlockNode
     }
 
     /// <summary>Autoclear features whose data this driver keeps consistent while writing: bitmaps (Qcow2Node.Bitmaps.cs).</summary>
-    internal const ulong KnownAutoclearFeatures = Qcow2Header.AutoclearBitmaps;
+    internal const ulong KnownAutoclearFeatures = Qcow2Header.AutoclearBitmaps | AutoclearCrashConsistent;
 
     private static async ValueTask<ulong[]> ReadTableAsync(BlockNode file, long offset, int entries, CancellationToken cancellationToken)
     {
@@ -249,10 +249,12 @@ public sealed partial class Qcow2Node : BlockNode
         _closed = true;
         if (!ReadOnly)
         {
+            await StopAllCrashConsistencyAsync().ConfigureAwait(false);
             await _meta.WaitAsync().ConfigureAwait(false);
             try
             {
                 await StoreBitmapsOnCloseLockedAsync(CancellationToken.None).ConfigureAwait(false);
+                await WriteCrashConsistentHeaderLockedAsync(CancellationToken.None).ConfigureAwait(false);
                 // Give back what the reserve holds and what discards freed, so a clean close leaks nothing.
                 await ProcessPendingFreesAsync(CancellationToken.None).ConfigureAwait(false);
                 await ReleaseReserveAsync(CancellationToken.None).ConfigureAwait(false);

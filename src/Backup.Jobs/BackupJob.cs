@@ -94,7 +94,7 @@ public sealed class BackupJob : Job, IWriteObserver
             _copy.SetAll();
         }
         SetProgressTotal(backup.Sync == BackupSyncMode.None ? 0 : _copy.DirtyByteCount);
-        _targetUser = backup.Target.AddUser(BusyReason);
+        _targetUser = backup.Target.AddJobTarget(BusyReason);
         backup.Source.AddWriteObserver(this);
     }
 

@@ -169,6 +169,8 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
                 return;
             }
             await RewriteBitmapsLockedAsync([], [name], inUse: false, cancellationToken).ConfigureAwait(false);
+            // While the node stays open, give back the allocation reserve too: the image checks clean now.
+            await ReleaseReserveAsync(cancellationToken).ConfigureAwait(false);
         }
         finally
         {
@@ -191,6 +193,7 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
         try
         {
             await RewriteBitmapsLockedAsync([bitmap], [], inUse, cancellationToken).ConfigureAwait(false);
+            await ReleaseReserveAsync(cancellationToken).ConfigureAwait(false);
         }
         finally
         {

@@ -195,8 +195,9 @@ internal sealed record Qcow2BitmapDirectoryEntry
         {
             return $"Granularity is under minimum ({1L << MinGranularityBits} bytes)";
         }
-        if (TableSizeFor(diskSize, granularity, clusterSize) > MaxTableSize ||
-            diskSize > MaxPhysSize << bits)
+        // QEMU keeps at most 512 MiB of bits (in 64-bit words) in memory per bitmap: 2 TiB at 512 B.
+        var granules = (diskSize + granularity - 1) / granularity;
+        if (TableSizeFor(diskSize, granularity, clusterSize) > MaxTableSize || (granules + 63) / 64 * 8 > MaxPhysSize)
         {
             return "Too much space will be occupied by the bitmap. Use larger granularity";
         }

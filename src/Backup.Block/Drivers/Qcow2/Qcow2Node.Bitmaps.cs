@@ -177,6 +177,8 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
             {
                 await WriteCrashConsistentHeaderLockedAsync(cancellationToken).ConfigureAwait(false);
             }
+            // While the node stays open, give back the allocation reserve too: the image checks clean now.
+            await ReleaseReserveAsync(cancellationToken).ConfigureAwait(false);
         }
         finally
         {
@@ -199,6 +201,7 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
         try
         {
             await RewriteBitmapsLockedAsync([bitmap], [], inUse, cancellationToken).ConfigureAwait(false);
+            await ReleaseReserveAsync(cancellationToken).ConfigureAwait(false);
         }
         finally
         {

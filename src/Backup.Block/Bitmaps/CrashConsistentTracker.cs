@@ -40,7 +40,6 @@ public sealed class CrashConsistentTracker : IWriteObserver
     private readonly Lock _lock = new();
     private List<long> _pending = [];
     private TaskCompletionSource? _nextUpdate;
-    private Task _updates = Task.CompletedTask;
     private bool _updating;
     private volatile bool _detached;
 
@@ -79,12 +78,14 @@ public sealed class CrashConsistentTracker : IWriteObserver
     public ValueTask BeforeWriteAsync(BlockNode node, long offset, long length, WriteKind kind, CancellationToken cancellationToken)
     {
         // A bitmap that does not record this write will not hold it in memory either.
-        if (_detached || length <= 0 || !_bitmap.Recording || offset >= _bitmap.Size)
+        // The journal covers the bitmap as it was stored; qcow2 images with bitmaps do not grow.
+        var limit = Math.Min(_bitmap.Size, _regionCount << _regionBits);
+        if (_detached || length <= 0 || !_bitmap.Recording || offset >= limit)
         {
             return ValueTask.CompletedTask;
         }
         var first = offset >> _regionBits;
-        var last = (Math.Min(offset + length, _bitmap.Size) - 1) >> _regionBits;
+        var last = (Math.Min(offset + length, limit) - 1) >> _regionBits;
         for (var r = first; r <= last; r++)
         {
             if ((Volatile.Read(ref _durable[r >> 6]) & (1UL << (int)(r & 63))) == 0)
@@ -123,50 +124,67 @@ public sealed class CrashConsistentTracker : IWriteObserver
     }
 
     /// <summary>Stops tracking; returns when no journal update is running any more.</summary>
-    public Task DetachAsync()
+    public async Task DetachAsync()
     {
         _detached = true;
         _bitmap.Node.RemoveWriteObserver(this);
-        lock (_lock)
+        while (true)
         {
-            return _updates;
+            lock (_lock)
+            {
+                if (!_updating)
+                {
+                    return;
+                }
+            }
+            await Task.Delay(1).ConfigureAwait(false);
         }
     }
 
-    private Task PersistRegionsAsync(long first, long last)
+    /// <summary>Returns once every region in [first, last] is durable; fails if the update that was to write one failed.</summary>
+    private async Task PersistRegionsAsync(long first, long last)
     {
-        Task wait;
-        var start = false;
-        lock (_lock)
+        while (true)
         {
-            for (var r = first; r <= last; r++)
-            {
-                var (word, bit) = ((int)(r >> 6), 1UL << (int)(r & 63));
-                if ((_durable[word] & bit) == 0 && (_queued[word] & bit) == 0)
-                {
-                    _queued[word] |= bit;
-                    _pending.Add(r);
-                }
-            }
-            // Regions queued by an update already running may be written before or after this writer
-            // queued them: waiting for the next update is always late enough.
-            _nextUpdate ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-            wait = _nextUpdate.Task;
-            if (!_updating)
-            {
-                _updating = true;
-                start = true;
-            }
-        }
-        if (start)
-        {
-            var updates = Task.Run(UpdateLoopAsync);
+            Task wait;
+            var start = false;
             lock (_lock)
             {
-                _updates = updates;
+                var missing = false;
+                for (var r = first; r <= last; r++)
+                {
+                    var (word, bit) = ((int)(r >> 6), 1UL << (int)(r & 63));
+                    if ((_durable[word] & bit) != 0)
+                    {
+                        continue;
+                    }
+                    missing = true;
+                    if ((_queued[word] & bit) == 0)
+                    {
+                        _queued[word] |= bit;
+                        _pending.Add(r);
+                    }
+                }
+                if (!missing)
+                {
+                    return;
+                }
+                // A region queued by the update already running may be written by it or not: the next
+                // update is always late enough. Checked again after it, in case the running one failed.
+                _nextUpdate ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+                wait = _nextUpdate.Task;
+                if (!_updating)
+                {
+                    _updating = true;
+                    start = true;
+                }
             }
+            if (start)
+            {
+                _ = Task.Run(UpdateLoopAsync);
+            }
+            await wait.ConfigureAwait(false);
         }
-        return wait;
     }
 
     /// <summary>One journal update at a time; each takes every region queued since the last began.</summary>

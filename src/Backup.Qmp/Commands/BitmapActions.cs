@@ -23,7 +23,7 @@ public sealed class BitmapActions(BlockGraph graph)
         ArgumentNullException.ThrowIfNull(context);
         return type switch
         {
-            "block-dirty-bitmap-add" => new Action(type, context, () => Add(data), b => b.Owner.Release(b), null, null),
+            "block-dirty-bitmap-add" => new Action(type, context, Sync(() => Add(data)), b => b.Owner.Release(b), null, null),
             "block-dirty-bitmap-remove" => Remove(type, data, context),
             "block-dirty-bitmap-clear" => Backed(type, data, context, b => { b.Check(BitmapCheck.Default); return b.ClearWithBackup(); }),
             "block-dirty-bitmap-enable" => Toggle(type, data, context, enable: true),
@@ -58,36 +58,48 @@ public sealed class BitmapActions(BlockGraph graph)
         var persistent = args["persistent"]?.GetValue<bool>() ?? false;
         if (persistent)
         {
-            CheckCanStore(node, name);
+            CheckCanStore(node, name, granularity ?? DirtyBitmapSet.DefaultGranularity(node));
         }
         return node.GetDirtyBitmaps().Add(name, granularity, persistent, args["disabled"]?.GetValue<bool>() ?? false);
     }
 
     /// <summary>
     /// QEMU asks the format whether it can store a new persistent bitmap before creating it: only
-    /// qcow2 can (its bitmaps extension), and its names are limited to 1023 bytes.
+    /// qcow2 can (its bitmaps extension, with its limits on names, sizes and counts).
     /// </summary>
-    private static void CheckCanStore(BlockNode node, string name)
+    private static void CheckCanStore(BlockNode node, string name, long granularity)
     {
-        if (node.DriverName != "qcow2")
+        if (node is not IPersistentBitmapStore store)
         {
             throw new BlockException($"Can't store persistent bitmaps to {node.NodeName}: Operation not supported");
         }
-        if (System.Text.Encoding.UTF8.GetByteCount(name) > DirtyBitmapSet.MaxNameBytes)
-        {
-            throw new BlockException($"Can't make bitmap '{name}' persistent in '{node.NodeName}': " +
-                $"Name length exceeds maximum ({DirtyBitmapSet.MaxNameBytes} characters)");
-        }
+        store.CheckCanStoreNew(name, granularity);
     }
 
-    /// <summary>Remove: prepare checks and marks the bitmap busy (so nothing else takes it); commit removes it.</summary>
+    /// <summary>
+    /// Remove: prepare checks, marks the bitmap busy (so nothing else takes it) and deletes a stored
+    /// bitmap from the image at once, as QEMU does (an abort keeps the bitmap, which is stored again at
+    /// close); commit drops it from the node.
+    /// </summary>
     private Action Remove(string type, JsonObject data, TransactionContext context) => new(type, context,
-        () =>
+        async ct =>
         {
             var set = Set(data);
             var b = set.Get(data["name"]!.GetValue<string>());
             b.Check(BitmapCheck.Busy | BitmapCheck.ReadOnly);
             b.SetBusy(true);
+            try
+            {
+                if (b.Persistent && set.Node is IPersistentBitmapStore store)
+                {
+                    await store.RemoveStoredAsync(b.Name!, ct).ConfigureAwait(false);
+                }
+            }
+            catch
+            {
+                b.SetBusy(false);
+                throw;
+            }
             return b;
         },
         b => b.SetBusy(false),
@@ -102,7 +114,7 @@ public sealed class BitmapActions(BlockGraph graph)
     {
         var wasEnabled = false;
         return new Action(type, context,
-            () =>
+            Sync(() =>
             {
                 var b = Get(data);
                 b.Check(BitmapCheck.AllowReadOnly);
@@ -116,7 +128,7 @@ public sealed class BitmapActions(BlockGraph graph)
                     b.Disable();
                 }
                 return b;
-            },
+            }),
             b =>
             {
                 if (wasEnabled)
@@ -136,12 +148,12 @@ public sealed class BitmapActions(BlockGraph graph)
     {
         DirtyBitmapBackup? backup = null;
         return new Action(type, context,
-            () =>
+            Sync(() =>
             {
                 var b = Get(data);
                 backup = apply(b);
                 return b;
-            },
+            }),
             _ => backup?.Restore(),
             null,
             () => backup?.Dispose());
@@ -151,7 +163,7 @@ public sealed class BitmapActions(BlockGraph graph)
     {
         DirtyBitmapBackup? backup = null;
         return new Action(type, context,
-            () =>
+            Sync(() =>
             {
                 var set = Set(data);
                 var target = set.Get(data["target"]!.GetValue<string>());
@@ -162,28 +174,30 @@ public sealed class BitmapActions(BlockGraph graph)
                 }
                 backup = DirtyBitmapSet.Merge(target, sources, withBackup: true);
                 return target;
-            },
+            }),
             _ => backup?.Restore(),
             null,
             () => backup?.Dispose());
     }
 
+    private static Func<CancellationToken, ValueTask<DirtyBitmap>> Sync(Func<DirtyBitmap> prepare) =>
+        _ => ValueTask.FromResult(prepare());
+
     /// <summary>An action from its four steps; the prepared bitmap is handed to abort and commit.</summary>
     private sealed class Action(
         string type,
         TransactionContext context,
-        Func<DirtyBitmap> prepare,
+        Func<CancellationToken, ValueTask<DirtyBitmap>> prepare,
         System.Action<DirtyBitmap>? abort,
         System.Action<DirtyBitmap>? commit,
         System.Action? clean) : ITransactionAction
     {
         private DirtyBitmap? _bitmap;
 
-        public ValueTask PrepareAsync(CancellationToken cancellationToken)
+        public async ValueTask PrepareAsync(CancellationToken cancellationToken)
         {
             context.RequireIndividual(type);
-            _bitmap = prepare();
-            return ValueTask.CompletedTask;
+            _bitmap = await prepare(cancellationToken).ConfigureAwait(false);
         }
 
         public void Commit()

@@ -244,7 +244,7 @@ public sealed class Qcow2CreateAndFeatureTests : IDisposable
     }
 
     [Fact]
-    public async Task Opening_read_write_clears_unknown_autoclear_bits_and_keeps_extensions()
+    public async Task Opening_read_write_clears_unknown_autoclear_bits_keeps_bitmaps_and_other_extensions()
     {
         var img = _dir.File("bm.qcow2");
         QemuTools.Img("create", "-q", "-f", "qcow2", img, "4M");
@@ -267,11 +267,15 @@ public sealed class Qcow2CreateAndFeatureTests : IDisposable
         await node.WriteAsync(0, new byte[4096]);
         await g.CloseAllAsync();
         var after = ReadHeader(img);
-        after.Header.AutoclearFeatures.Should().Be(0);
-        after.Extensions.Select(e => (e.Type, Convert.ToHexString(e.Data)))
-            .Should().Equal(before.Extensions.Select(e => (e.Type, Convert.ToHexString(e.Data))));
-        QemuTools.CheckNoCorruption(img);
-        QemuTools.Info(img).GetProperty("format").GetString().Should().Be("qcow2");
+        // Bit 7 is unknown to us and cleared; the bitmaps (bit 0) are ours now, loaded and stored again.
+        after.Header.AutoclearFeatures.Should().Be(Qcow2Header.AutoclearBitmaps);
+        after.Extensions.Where(e => e.Type != Qcow2HeaderExtension.Bitmaps).Select(e => (e.Type, Convert.ToHexString(e.Data)))
+            .Should().Equal(before.Extensions.Where(e => e.Type != Qcow2HeaderExtension.Bitmaps).Select(e => (e.Type, Convert.ToHexString(e.Data))));
+        after.Extensions.Select(e => e.Type).Should().Equal(before.Extensions.Select(e => e.Type));
+        QemuTools.CheckClean(img);
+        var info = QemuTools.Info(img);
+        info.GetProperty("format").GetString().Should().Be("qcow2");
+        info.GetProperty("format-specific").GetProperty("data").GetProperty("bitmaps")[0].GetProperty("name").GetString().Should().Be("b0");
     }
 
     [Fact]

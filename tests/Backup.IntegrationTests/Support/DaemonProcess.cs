@@ -63,9 +63,13 @@ public sealed class DaemonProcess : IAsyncDisposable
         return dir;
     }
 
-    /// <summary>Starts backupd with <paramref name="args"/> plus a QMP chardev/monitor pair, and waits for the socket.</summary>
+    /// <summary>
+    /// Starts backupd (or, with <paramref name="executable"/>, another daemon with the same command line, such
+    /// as qemu-storage-daemon for interop tests) with <paramref name="args"/> plus a QMP chardev/monitor pair,
+    /// and waits for the socket.
+    /// </summary>
     public static async Task<DaemonProcess> StartAsync(IEnumerable<string> args, string? dir = null, bool addMonitor = true,
-        IDictionary<string, string>? env = null)
+        IDictionary<string, string>? env = null, string? executable = null)
     {
         dir ??= NewDirectory();
         var socket = Path.Combine(dir, "qmp.sock");
@@ -74,7 +78,7 @@ public sealed class DaemonProcess : IAsyncDisposable
         {
             all.AddRange(["--chardev", $"socket,id=mon0,path={socket},server=on,wait=off", "--monitor", "chardev=mon0"]);
         }
-        var p = Start(all, dir, env);
+        var p = Start(all, dir, env, executable);
         var d = new DaemonProcess(p, dir, socket);
         p.OutputDataReceived += (_, e) => { lock (d._stdout) { d._stdout.AppendLine(e.Data); } };
         p.ErrorDataReceived += (_, e) => { lock (d._stderr) { d._stderr.AppendLine(e.Data); } };
@@ -85,7 +89,7 @@ public sealed class DaemonProcess : IAsyncDisposable
         {
             if (p.HasExited)
             {
-                throw new InvalidOperationException($"backupd exited with {p.ExitCode}: {d.Stderr}");
+                throw new InvalidOperationException($"{executable ?? "backupd"} exited with {p.ExitCode}: {d.Stderr}");
             }
             if (DateTime.UtcNow > deadline)
             {
@@ -109,9 +113,9 @@ public sealed class DaemonProcess : IAsyncDisposable
         return (p.ExitCode, await stdout, await stderr);
     }
 
-    private static Process Start(List<string> args, string dir, IDictionary<string, string>? env)
+    private static Process Start(List<string> args, string dir, IDictionary<string, string>? env, string? executable = null)
     {
-        var psi = new ProcessStartInfo("dotnet")
+        var psi = new ProcessStartInfo(executable ?? "dotnet")
         {
             WorkingDirectory = dir,
             UseShellExecute = false,
@@ -119,7 +123,10 @@ public sealed class DaemonProcess : IAsyncDisposable
             RedirectStandardError = true,
             RedirectStandardInput = true,
         };
-        psi.ArgumentList.Add(DaemonDll);
+        if (executable is null)
+        {
+            psi.ArgumentList.Add(DaemonDll);
+        }
         foreach (var a in args)
         {
             psi.ArgumentList.Add(a);

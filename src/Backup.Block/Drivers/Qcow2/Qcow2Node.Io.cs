@@ -580,6 +580,9 @@ public sealed partial class Qcow2Node
         try
         {
             await ProcessPendingFreesAsync(cancellationToken).ConfigureAwait(false);
+            // A flushed image is one qemu-img check finds clean, even if the process dies right after
+            // (kill -9): the unused reserve would otherwise show up as leaked clusters.
+            await ReleaseReserveAsync(cancellationToken).ConfigureAwait(false);
         }
         finally
         {

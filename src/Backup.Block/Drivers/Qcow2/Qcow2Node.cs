@@ -105,7 +105,7 @@ public sealed partial class Qcow2Node : BlockNode
 
     /// <summary>
     /// Reads the image metadata the node keeps in memory (L1 and refcount tables), validates what the
-    /// header says, and when writable clears the autoclear bits we do not maintain.
+    /// header says, when writable clears the autoclear bits we do not maintain, and loads the stored bitmaps.
     /// </summary>
     internal static async ValueTask<Qcow2Node> OpenAsync(NodeContext context, BlockNode file, BlockNode? backing,
         Qcow2HeaderCluster headerCluster, Qcow2CacheSizes cacheSizes, CancellationToken cancellationToken)
@@ -142,15 +142,15 @@ public sealed partial class Qcow2Node : BlockNode
         if (!context.ReadOnly && h.Version >= 3 && (h.AutoclearFeatures & ~KnownAutoclearFeatures) != 0)
         {
             // qcow2.txt: a writer must clear the auto-clear bits it does not understand before writing.
-            // We keep bitmaps (bit 0) in the header but do not update them, so they count as unknown.
             await node.RewriteHeaderAsync(h with { AutoclearFeatures = h.AutoclearFeatures & KnownAutoclearFeatures },
                 cancellationToken).ConfigureAwait(false);
         }
+        await node.LoadBitmapsAsync(cancellationToken).ConfigureAwait(false);
         return node;
     }
 
-    /// <summary>Autoclear features whose data this driver keeps consistent while writing: none yet.</summary>
-    internal const ulong KnownAutoclearFeatures = 0;
+    /// <summary>Autoclear features whose data this driver keeps consistent while writing: bitmaps (Qcow2Node.Bitmaps.cs).</summary>
+    internal const ulong KnownAutoclearFeatures = Qcow2Header.AutoclearBitmaps;
 
     private static async ValueTask<ulong[]> ReadTableAsync(BlockNode file, long offset, int entries, CancellationToken cancellationToken)
     {
@@ -252,6 +252,7 @@ public sealed partial class Qcow2Node : BlockNode
             await _meta.WaitAsync().ConfigureAwait(false);
             try
             {
+                await StoreBitmapsOnCloseLockedAsync(CancellationToken.None).ConfigureAwait(false);
                 // Give back what the reserve holds and what discards freed, so a clean close leaks nothing.
                 await ProcessPendingFreesAsync(CancellationToken.None).ConfigureAwait(false);
                 await ReleaseReserveAsync(CancellationToken.None).ConfigureAwait(false);

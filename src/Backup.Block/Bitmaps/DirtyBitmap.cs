@@ -44,7 +44,7 @@ public sealed record DirtyBitmapInfo(
 /// <item><term>readonly</term><description>Loaded from a read-only image: cannot be modified.</description></item>
 /// <item><term>inconsistent</term><description>A persistent bitmap found in use on open (unclean
 /// shutdown): disabled, unusable, can only be removed.</description></item>
-/// <item><term>persistent</term><description>To be stored in the image on close (a flag for now).</description></item>
+/// <item><term>persistent</term><description>Stored in the image at clean close and loaded at open (qcow2, see <see cref="IPersistentBitmapStore"/>).</description></item>
 /// </list>
 /// <para><b>Locking.</b> Flags and the successor link change only under the owning set's lock; reading
 /// a single flag is a plain volatile read. The bits live in an <see cref="HBitmap"/> with its own lock;

@@ -85,6 +85,8 @@ internal sealed record Qcow2BitmapDirectoryEntry
 {
     public const int FixedSize = 24;
 
+    private static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
+
     public const uint FlagInUse = 1u << 0;
     public const uint FlagAuto = 1u << 1;
     public const uint FlagExtraDataCompatible = 1u << 2;
@@ -140,6 +142,16 @@ internal sealed record Qcow2BitmapDirectoryEntry
         {
             return false;
         }
+        string name;
+        try
+        {
+            // Strict: a name must survive the round trip, the in-place rewrite relies on entry sizes staying put.
+            name = StrictUtf8.GetString(source.Slice(FixedSize + (int)extraSize, nameSize));
+        }
+        catch (DecoderFallbackException)
+        {
+            return false;
+        }
         entry = new Qcow2BitmapDirectoryEntry
         {
             TableOffset = BinaryPrimitives.ReadUInt64BigEndian(source),
@@ -148,7 +160,7 @@ internal sealed record Qcow2BitmapDirectoryEntry
             Type = source[16],
             GranularityBits = source[17],
             ExtraData = source.Slice(FixedSize, (int)extraSize).ToArray(),
-            Name = Encoding.UTF8.GetString(source.Slice(FixedSize + (int)extraSize, nameSize)),
+            Name = name,
         };
         consumed = (int)Math.Min(Qcow2HeaderExtension.Align8((int)size), source.Length);
         return true;

@@ -28,12 +28,21 @@ public sealed partial class Qcow2Node
 
     private long L2Coverage => (long)_clusterSize << _l2Bits;
 
-    private static ClusterKind KindOf(Qcow2L2Entry e) =>
+    private ClusterKind KindOf(Qcow2L2Entry e) =>
         e.IsCompressed ? ClusterKind.Compressed
         : e.IsZero ? ClusterKind.Zero
-        : e.HostOffset == 0 ? ClusterKind.Unallocated
+        : !HasHostCluster(e) ? ClusterKind.Unallocated
         : e.IsCopied ? ClusterKind.DataCopied
         : ClusterKind.DataShared;
+
+    /// <summary>
+    /// Whether a standard entry names a host cluster. Offset 0 means "none" except with an external data
+    /// file, where offset 0 with COPIED is guest cluster 0's place in the data file (qcow2.txt).
+    /// </summary>
+    private bool HasHostCluster(Qcow2L2Entry e) => !e.IsCompressed && (e.HostOffset != 0 || (_hasDataFile && e.IsCopied));
+
+    /// <summary>A data cluster that only this entry references: writable in place.</summary>
+    private bool IsWritableInPlace(Qcow2L2Entry e) => !e.IsZero && e.IsCopied && HasHostCluster(e);
 
     /// <summary>Maps from <paramref name="guestOffset"/> up to <paramref name="maxLength"/> bytes, stopping at the end of the L2 table.</summary>
     private Mapping Map(ulong[]? table, long guestOffset, long maxLength)
@@ -142,7 +151,7 @@ public sealed partial class Qcow2Node
         switch (m.Kind)
         {
             case ClusterKind.DataCopied or ClusterKind.DataShared:
-                await ReadFileAsync(_file, m.HostOffset, destination, cancellationToken).ConfigureAwait(false);
+                await ReadFileAsync(_data, m.HostOffset, destination, cancellationToken).ConfigureAwait(false);
                 break;
             case ClusterKind.Zero:
                 destination.Span.Clear();
@@ -186,6 +195,11 @@ public sealed partial class Qcow2Node
         {
             throw new BlockException("qcow2: unsupported compression type");
         }
+        if (_hasDataFile)
+        {
+            // qcow2.txt: images with an external data file have no compressed clusters.
+            throw new IOException($"qcow2: compressed cluster in '{Filename}', which has an external data file (image corrupt)");
+        }
         var offset = entry.CompressedOffset(_clusterBits);
         var length = entry.CompressedLength(_clusterBits);
         var compressed = ArrayPool<byte>.Shared.Rent(length);
@@ -221,7 +235,7 @@ public sealed partial class Qcow2Node
         switch (KindOf(entry))
         {
             case ClusterKind.DataCopied or ClusterKind.DataShared:
-                await ReadFileAsync(_file, entry.HostOffset, destination, cancellationToken).ConfigureAwait(false);
+                await ReadFileAsync(_data, entry.HostOffset, destination, cancellationToken).ConfigureAwait(false);
                 break;
             case ClusterKind.Compressed:
                 await DecompressAsync(entry, destination, cancellationToken).ConfigureAwait(false);
@@ -279,7 +293,7 @@ public sealed partial class Qcow2Node
                 {
                     break;
                 }
-                await _file.WriteAsync(m.HostOffset, data.Slice(pos, m.Length), WriteFlags.None, cancellationToken).ConfigureAwait(false);
+                await _data.WriteAsync(m.HostOffset, data.Slice(pos, m.Length), WriteFlags.None, cancellationToken).ConfigureAwait(false);
                 pos += m.Length;
             }
         }
@@ -324,16 +338,19 @@ public sealed partial class Qcow2Node
                 var intra = (int)(guest & (_clusterSize - 1));
                 var n = Math.Min(_clusterSize - intra, data.Length - pos);
                 var entry = new Qcow2L2Entry(Volatile.Read(ref table[index]));
-                if (entry.IsWritableInPlace)
+                if (IsWritableInPlace(entry))
                 {
                     await FlushRunAsync().ConfigureAwait(false);
-                    await _file.WriteAsync(entry.HostOffset + intra, data.Slice(pos, n), WriteFlags.None, cancellationToken).ConfigureAwait(false);
+                    await _data.WriteAsync(entry.HostOffset + intra, data.Slice(pos, n), WriteFlags.None, cancellationToken).ConfigureAwait(false);
                     pos += n;
                     continue;
                 }
-                // A preallocated zero cluster we own keeps its host cluster; anything else gets a new one.
-                var reuse = entry.IsZero && entry.HostOffset != 0 && entry.IsCopied;
-                var host = reuse ? entry.HostOffset : await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
+                // A preallocated zero cluster we own keeps its host cluster; anything else gets a new one,
+                // which in an external data file is always the guest cluster's own place.
+                var reuse = entry.IsZero && entry.IsCopied && HasHostCluster(entry);
+                var host = reuse ? entry.HostOffset
+                    : _hasDataFile ? guest - intra
+                    : await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
                 if (n == _clusterSize)
                 {
                     if (runLength > 0 && host != runHost + runLength)
@@ -353,7 +370,7 @@ public sealed partial class Qcow2Node
                     var cluster = buffer.AsMemory(0, _clusterSize);
                     await ReadClusterSourceAsync(guest - intra, entry, cluster, cancellationToken).ConfigureAwait(false);
                     data.Slice(pos, n).CopyTo(cluster[intra..]);
-                    await _file.WriteAsync(host, cluster, WriteFlags.None, cancellationToken).ConfigureAwait(false);
+                    await _data.WriteAsync(host, cluster, WriteFlags.None, cancellationToken).ConfigureAwait(false);
                     Volatile.Write(ref table[index], Qcow2L2Entry.Standard(host).Raw);
                     firstChanged = Math.Min(firstChanged, index);
                     lastChanged = Math.Max(lastChanged, index);
@@ -383,7 +400,7 @@ public sealed partial class Qcow2Node
             {
                 return;
             }
-            await _file.WriteAsync(runHost, data.Slice(runStart, runLength), WriteFlags.None, cancellationToken).ConfigureAwait(false);
+            await _data.WriteAsync(runHost, data.Slice(runStart, runLength), WriteFlags.None, cancellationToken).ConfigureAwait(false);
             var clusters = runLength >> _clusterBits;
             for (var i = 0; i < clusters; i++)
             {
@@ -398,6 +415,11 @@ public sealed partial class Qcow2Node
     /// <summary>The entry <paramref name="old"/> was replaced: its host clusters lose a reference (after the next flush).</summary>
     private void DropReference(Qcow2L2Entry old, long keep)
     {
+        if (_hasDataFile)
+        {
+            // Clusters of an external data file are not refcounted.
+            return;
+        }
         if (old.IsCompressed)
         {
             FreeCompressedLater(old);
@@ -412,6 +434,17 @@ public sealed partial class Qcow2Node
 
     protected override async ValueTask WriteZeroesCoreAsync(long offset, long length, WriteFlags flags, CancellationToken cancellationToken)
     {
+        if (_dataFileRaw)
+        {
+            // The data file must read as the guest sees it, so the zeros go there. The mapping need not
+            // change: mapped clusters now hold zeros, unmapped and zero-flagged ones read as zeros anyway.
+            await _data.WriteZeroesAsync(offset, length, flags & ~WriteFlags.Fua, cancellationToken).ConfigureAwait(false);
+            if ((flags & WriteFlags.Fua) != 0)
+            {
+                await FlushCoreAsync(cancellationToken).ConfigureAwait(false);
+            }
+            return;
+        }
         var end = offset + length;
         var alignedStart = AlignUp(offset);
         var alignedEnd = end == _virtualSize ? AlignUp(end) : AlignDown(end);
@@ -491,6 +524,12 @@ public sealed partial class Qcow2Node
 
     protected override async ValueTask DiscardCoreAsync(long offset, long length, CancellationToken cancellationToken)
     {
+        if (_dataFileRaw)
+        {
+            // Dropping the mapping would break the raw data file's promise; discard its blocks instead.
+            await _data.DiscardAsync(offset, length, cancellationToken).ConfigureAwait(false);
+            return;
+        }
         // Only whole clusters can be dropped; a discard is a hint, so the partial ends stay as they are.
         var start = AlignUp(offset);
         var end = offset + length == _virtualSize ? AlignUp(offset + length) : AlignDown(offset + length);
@@ -540,7 +579,7 @@ public sealed partial class Qcow2Node
             {
                 var old = new Qcow2L2Entry(Volatile.Read(ref table[i]));
                 Qcow2L2Entry next;
-                if (replacement.IsZero && keepAllocation && old.IsCopied && !old.IsCompressed && old.HostOffset != 0)
+                if (replacement.IsZero && keepAllocation && old.IsCopied && HasHostCluster(old))
                 {
                     next = new Qcow2L2Entry(old.Raw | Qcow2L2Entry.ZeroFlag);
                 }
@@ -584,6 +623,10 @@ public sealed partial class Qcow2Node
         finally
         {
             _meta.Release();
+        }
+        if (_hasDataFile)
+        {
+            await _data.FlushAsync(cancellationToken).ConfigureAwait(false);
         }
         await _file.FlushAsync(cancellationToken).ConfigureAwait(false);
     }

@@ -489,7 +489,10 @@ public sealed partial class Qcow2Node
 
 public sealed partial class Qcow2Node
 {
-    /// <summary>Maps every unallocated guest cluster to a fresh host cluster and grows the file over them.</summary>
+    /// <summary>
+    /// Maps every unallocated guest cluster to a fresh host cluster and grows the file over them; with an
+    /// external data file, to its own place there (host offset = guest offset), growing the data file.
+    /// </summary>
     internal async ValueTask PreallocateAsync(CancellationToken cancellationToken)
     {
         await _meta.WaitAsync(cancellationToken).ConfigureAwait(false);
@@ -506,6 +509,11 @@ public sealed partial class Qcow2Node
                 {
                     if (new Qcow2L2Entry(table[i]).IsUnallocated)
                     {
+                        if (_hasDataFile)
+                        {
+                            table[i] = Qcow2L2Entry.Standard(((long)l1Index * _l2Entries + i) << _clusterBits).Raw;
+                            continue;
+                        }
                         var host = await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
                         table[i] = Qcow2L2Entry.Standard(host).Raw;
                         end = Math.Max(end, host + _clusterSize);
@@ -516,6 +524,10 @@ public sealed partial class Qcow2Node
             if (end > _file.Length)
             {
                 await _file.TruncateAsync(end, cancellationToken).ConfigureAwait(false);
+            }
+            if (_hasDataFile && _data.Length < _virtualSize)
+            {
+                await _data.TruncateAsync(_virtualSize, cancellationToken).ConfigureAwait(false);
             }
         }
         finally

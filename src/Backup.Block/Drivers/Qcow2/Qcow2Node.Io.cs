@@ -254,17 +254,13 @@ public sealed partial class Qcow2Node
     protected override async ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken)
     {
         var pos = await WriteInPlaceAsync(offset, data, cancellationToken).ConfigureAwait(false);
-        if (pos < data.Length)
+        while (pos < data.Length)
         {
-            await _meta.WaitAsync(cancellationToken).ConfigureAwait(false);
-            try
-            {
-                await WriteLockedAsync(offset + pos, data[pos..], cancellationToken).ConfigureAwait(false);
-            }
-            finally
-            {
-                _meta.Release();
-            }
+            // The rest needs allocation or copy-on-write somewhere: one L2 table at a time.
+            var guest = offset + pos;
+            var chunk = (int)Math.Min(data.Length - pos, (guest / L2Coverage + 1) * L2Coverage - guest);
+            await WriteAllocatingAsync(guest, data.Slice(pos, chunk), cancellationToken).ConfigureAwait(false);
+            pos += chunk;
         }
         if ((flags & WriteFlags.Fua) != 0)
         {
@@ -302,114 +298,6 @@ public sealed partial class Qcow2Node
             ExitLockFree(parity);
         }
         return pos;
-    }
-
-    /// <summary>Writes with allocation and copy-on-write, one L2 table at a time (metadata lock held).</summary>
-    private async ValueTask WriteLockedAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
-    {
-        var pos = 0;
-        while (pos < data.Length)
-        {
-            var guest = offset + pos;
-            var l1Index = (int)(guest / L2Coverage);
-            var chunk = (int)Math.Min(data.Length - pos, (l1Index + 1) * L2Coverage - guest);
-            await WriteWithinTableAsync(l1Index, guest, data.Slice(pos, chunk), cancellationToken).ConfigureAwait(false);
-            pos += chunk;
-        }
-        await ProcessPendingFreesIfManyAsync(cancellationToken).ConfigureAwait(false);
-    }
-
-    private async ValueTask WriteWithinTableAsync(int l1Index, long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
-    {
-        var (table, l2Offset) = await GetL2ForUpdateAsync(l1Index, cancellationToken).ConfigureAwait(false);
-        int firstChanged = int.MaxValue, lastChanged = -1;
-        var pos = 0;
-        byte[]? buffer = null;
-        // Whole new clusters that land on consecutive host clusters are written with one request; their
-        // entries are set only after that write, so lock-free readers never see unwritten clusters.
-        long runHost = 0;
-        int runStart = 0, runLength = 0, runFirstIndex = 0;
-        try
-        {
-            while (pos < data.Length)
-            {
-                var guest = offset + pos;
-                var index = (int)((guest >> _clusterBits) & (_l2Entries - 1));
-                var intra = (int)(guest & (_clusterSize - 1));
-                var n = Math.Min(_clusterSize - intra, data.Length - pos);
-                var entry = new Qcow2L2Entry(Volatile.Read(ref table[index]));
-                if (IsWritableInPlace(entry))
-                {
-                    await FlushRunAsync().ConfigureAwait(false);
-                    await _data.WriteAsync(entry.HostOffset + intra, data.Slice(pos, n), WriteFlags.None, cancellationToken).ConfigureAwait(false);
-                    pos += n;
-                    continue;
-                }
-                // A preallocated zero cluster we own keeps its host cluster; anything else gets a new one,
-                // which in an external data file is always the guest cluster's own place.
-                var reuse = entry.IsZero && entry.IsCopied && HasHostCluster(entry);
-                var host = reuse ? entry.HostOffset
-                    : _hasDataFile ? guest - intra
-                    : await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
-                if (n == _clusterSize)
-                {
-                    if (runLength > 0 && host != runHost + runLength)
-                    {
-                        await FlushRunAsync().ConfigureAwait(false);
-                    }
-                    if (runLength == 0)
-                    {
-                        (runHost, runStart, runFirstIndex) = (host, pos, index);
-                    }
-                    runLength += n;
-                }
-                else
-                {
-                    await FlushRunAsync().ConfigureAwait(false);
-                    buffer ??= ArrayPool<byte>.Shared.Rent(_clusterSize);
-                    var cluster = buffer.AsMemory(0, _clusterSize);
-                    await ReadClusterSourceAsync(guest - intra, entry, cluster, cancellationToken).ConfigureAwait(false);
-                    data.Slice(pos, n).CopyTo(cluster[intra..]);
-                    await _data.WriteAsync(host, cluster, WriteFlags.None, cancellationToken).ConfigureAwait(false);
-                    Volatile.Write(ref table[index], Qcow2L2Entry.Standard(host).Raw);
-                    firstChanged = Math.Min(firstChanged, index);
-                    lastChanged = Math.Max(lastChanged, index);
-                }
-                DropReference(entry, keep: reuse ? host : 0);
-                pos += n;
-            }
-            await FlushRunAsync().ConfigureAwait(false);
-        }
-        finally
-        {
-            if (buffer is not null)
-            {
-                ArrayPool<byte>.Shared.Return(buffer);
-            }
-            // Data first, then the entries that point at it.
-            if (lastChanged >= 0)
-            {
-                await WriteL2EntriesAsync(l2Offset, table, firstChanged, lastChanged - firstChanged + 1, cancellationToken)
-                    .ConfigureAwait(false);
-            }
-        }
-
-        async ValueTask FlushRunAsync()
-        {
-            if (runLength == 0)
-            {
-                return;
-            }
-            await _data.WriteAsync(runHost, data.Slice(runStart, runLength), WriteFlags.None, cancellationToken).ConfigureAwait(false);
-            var clusters = runLength >> _clusterBits;
-            for (var i = 0; i < clusters; i++)
-            {
-                Volatile.Write(ref table[runFirstIndex + i], Qcow2L2Entry.Standard(runHost + ((long)i << _clusterBits)).Raw);
-            }
-            firstChanged = Math.Min(firstChanged, runFirstIndex);
-            lastChanged = Math.Max(lastChanged, runFirstIndex + clusters - 1);
-            runLength = 0;
-        }
     }
 
     /// <summary>The entry <paramref name="old"/> was replaced: its host clusters lose a reference (after the next flush).</summary>
@@ -570,6 +458,9 @@ public sealed partial class Qcow2Node
                 offset = chunkEnd;
                 continue;
             }
+            // Allocating writes in flight on these clusters finish first; their entries are then final.
+            await WaitForInFlightLockedAsync(offset >> _clusterBits, (chunkEnd + _clusterSize - 1) >> _clusterBits, cancellationToken)
+                .ConfigureAwait(false);
             var (table, l2Offset) = await GetL2ForUpdateAsync(l1Index, cancellationToken).ConfigureAwait(false);
             var first = (int)((offset >> _clusterBits) & (_l2Entries - 1));
             var count = (int)((chunkEnd - offset + _clusterSize - 1) >> _clusterBits);

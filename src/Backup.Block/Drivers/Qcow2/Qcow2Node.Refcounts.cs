@@ -39,9 +39,10 @@ public sealed partial class Qcow2Node
         {
             clusters.Add(await FindFreeClusterAsync(cancellationToken).ConfigureAwait(false));
         }
-        await UpdateRefcountsAsync(clusters, +1, cancellationToken).ConfigureAwait(false);
-        // The barrier that makes "refcount before reference" hold on power loss too.
-        await _file.FlushAsync(cancellationToken).ConfigureAwait(false);
+        // Durable writes (FUA) are the barrier that makes "refcount before reference" hold on power loss
+        // too. A flush would do the same but write back every dirty page of the image (all the guest
+        // data written since the last one) each time the reserve runs dry.
+        await UpdateRefcountsAsync(clusters, +1, cancellationToken, WriteFlags.Fua).ConfigureAwait(false);
         foreach (var c in clusters)
         {
             _reserve.Enqueue(c * _clusterSize);
@@ -188,7 +189,8 @@ public sealed partial class Qcow2Node
     /// Adds <paramref name="delta"/> to the refcount of each cluster (a cluster listed twice changes
     /// twice), writing each changed block range through. Creates refcount blocks as needed.
     /// </summary>
-    private async ValueTask UpdateRefcountsAsync(List<long> clusters, int delta, CancellationToken cancellationToken)
+    private async ValueTask UpdateRefcountsAsync(List<long> clusters, int delta, CancellationToken cancellationToken,
+        WriteFlags flags = WriteFlags.None)
     {
         clusters.Sort();
         byte[]? block = null;
@@ -208,7 +210,7 @@ public sealed partial class Qcow2Node
                     {
                         throw new BlockException($"qcow2: refcount of cluster {cluster} would drop below zero (image corrupt?)");
                     }
-                    offset = await CreateRefBlockAsync(group, cancellationToken).ConfigureAwait(false);
+                    offset = await CreateRefBlockAsync(group, flags, cancellationToken).ConfigureAwait(false);
                 }
                 block = await LoadRefBlockAsync(offset, cancellationToken).ConfigureAwait(false);
                 blockOffset = offset;
@@ -236,7 +238,7 @@ public sealed partial class Qcow2Node
             if (block is not null && dirtyEnd > dirtyStart)
             {
                 await _file.WriteAsync(blockOffset + dirtyStart, block.AsMemory(dirtyStart, dirtyEnd - dirtyStart),
-                    WriteFlags.None, cancellationToken).ConfigureAwait(false);
+                    flags, cancellationToken).ConfigureAwait(false);
             }
             dirtyStart = int.MaxValue;
             dirtyEnd = -1;
@@ -248,7 +250,7 @@ public sealed partial class Qcow2Node
     /// which is free (no block means every refcount in the group is 0) and which the free-cluster search
     /// never hands out, so the block describes itself. Written before the table entry points at it.
     /// </summary>
-    private async ValueTask<long> CreateRefBlockAsync(long group, CancellationToken cancellationToken)
+    private async ValueTask<long> CreateRefBlockAsync(long group, WriteFlags flags, CancellationToken cancellationToken)
     {
         if (group >= _refTable.Length)
         {
@@ -257,12 +259,12 @@ public sealed partial class Qcow2Node
         var offset = group * _refBlockEntries * _clusterSize;
         var block = new byte[_clusterSize];
         SetRefcount(block, 0, 1);
-        await _file.WriteAsync(offset, block, WriteFlags.None, cancellationToken).ConfigureAwait(false);
+        await _file.WriteAsync(offset, block, flags, cancellationToken).ConfigureAwait(false);
         _refCache.Put(offset, block);
         _refTable[group] = (ulong)offset;
         var entry = new byte[8];
         BinaryPrimitives.WriteUInt64BigEndian(entry, (ulong)offset);
-        await _file.WriteAsync(_refTableOffset + group * 8, entry, WriteFlags.None, cancellationToken).ConfigureAwait(false);
+        await _file.WriteAsync(_refTableOffset + group * 8, entry, flags, cancellationToken).ConfigureAwait(false);
         return offset;
     }
 
@@ -470,7 +472,7 @@ public sealed partial class Qcow2Node
             {
                 BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(i * 8), table[i]);
             }
-            await _file.WriteAsync(offset, bytes.AsMemory(0, _clusterSize), WriteFlags.None, cancellationToken).ConfigureAwait(false);
+            await _file.WriteAsync(offset, bytes.AsMemory(0, _clusterSize), WriteFlags.Fua, cancellationToken).ConfigureAwait(false);
         }
         finally
         {

@@ -17,9 +17,10 @@ namespace Backup.Block.Drivers.Qcow2;
 /// <para><b>Crash safety.</b> Metadata is written through (the caches never hold unwritten state) in an
 /// order such that a crash at any point leaks clusters at worst:
 /// <list type="bullet">
-/// <item>Clusters are handed out from a reserve whose refcounts were raised and flushed to disk first,
-/// so a refcount is always stable before any L2 or L1 entry points at its cluster.</item>
-/// <item>Data and new L2 tables are written before the L2 or L1 entry that points at them.</item>
+/// <item>Clusters are handed out from a reserve whose refcounts were raised with durable (FUA) writes
+/// first, so a refcount is always stable before any L2 or L1 entry points at its cluster.</item>
+/// <item>Data is written before the L2 entry that points at it; a new L2 table is written durably
+/// before the L1 entry that points at it (a power loss must not leave L1 pointing at garbage).</item>
 /// <item>Refcounts of clusters that lost their last reference are lowered only after a flush made the
 /// dropped reference durable (<see cref="_pendingFrees"/>), and only when no lock-free request that
 /// may still be using the old mapping is in flight.</item>

@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.IO.Compression;
+using System.Runtime.CompilerServices;
 using Backup.Block.Posix;
 
 namespace Backup.Block.Drivers.Qcow2;
@@ -107,7 +108,62 @@ public sealed partial class Qcow2Node
 
     // ------------------------------------------------------------------ read
 
-    protected override async ValueTask ReadCoreAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken)
+    protected override ValueTask ReadCoreAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken)
+    {
+        // Fast path, the common case: the L2 table is cached and the whole request maps to one run of
+        // data clusters (or zeros). One lookup, one read of the data node, one async frame of our own.
+        var parity = EnterLockFree();
+        try
+        {
+            if (TryGetL2LockFree(offset, out var table))
+            {
+                var m = Map(table, offset, buffer.Length);
+                if (m.Length == buffer.Length)
+                {
+                    switch (m.Kind)
+                    {
+                        case ClusterKind.DataCopied or ClusterKind.DataShared when m.HostOffset + m.Length <= _data.Length:
+                            var read = _data.ReadAsync(m.HostOffset, buffer, cancellationToken);
+                            if (!read.IsCompletedSuccessfully)
+                            {
+                                var pending = FinishLockFreeAsync(read, parity);
+                                parity = -1;
+                                return pending;
+                            }
+                            read.GetAwaiter().GetResult();
+                            return ValueTask.CompletedTask;
+                        case ClusterKind.Zero:
+                            buffer.Span.Clear();
+                            return ValueTask.CompletedTask;
+                    }
+                }
+            }
+        }
+        finally
+        {
+            if (parity >= 0)
+            {
+                ExitLockFree(parity);
+            }
+        }
+        return ReadSlowAsync(offset, buffer, cancellationToken);
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask FinishLockFreeAsync(ValueTask read, int parity)
+    {
+        try
+        {
+            await read.ConfigureAwait(false);
+        }
+        finally
+        {
+            ExitLockFree(parity);
+        }
+    }
+
+    /// <summary>Any request: runs of different kinds, tables to load, backing reads, compressed clusters.</summary>
+    private async ValueTask ReadSlowAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken)
     {
         var pos = 0;
         ulong[]? loaded = null;

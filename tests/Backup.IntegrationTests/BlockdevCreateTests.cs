@@ -233,6 +233,28 @@ public sealed class BlockdevCreateTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Metadata_image_over_an_existing_raw_disk_keeps_its_data_as_qsd_does()
+    {
+        // Issue 8's use: a raw disk gets a qcow2 metadata image (for persistent bitmaps) without a copy.
+        var disk = PathOf("disk.raw");
+        var meta = PathOf("disk.qcow2");
+        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", disk, "8M");
+        await Tool.RunAsync("qemu-io", "-f", "raw", "-c", "write -P 0x66 1M 1M", "-c", "write -P 0x67 7M 4k", disk);
+        await CreateOkAsync("m", FileOptions(meta, 0));
+        await AddFileAsync("fm", meta);
+        await AddFileAsync("fd", disk);
+        await CreateOkAsync("c", new JsonObject
+        {
+            ["driver"] = "qcow2", ["file"] = "fm", ["size"] = 8L << 20, ["data-file"] = "fd", ["data-file-raw"] = true,
+        });
+        await OkAsync("blockdev-del", new JsonObject { ["node-name"] = "fm" });
+        await OkAsync("blockdev-del", new JsonObject { ["node-name"] = "fd" });
+        await CheckAsync(meta);
+        await Tool.RunAsync("qemu-io", "-f", "qcow2", "-c", "read -P 0x66 1M 1M", "-c", "read -P 0x67 7M 4k", "-c", "read -P 0 0 1M", meta);
+        await Tool.RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "raw", meta, disk);
+    }
+
+    [Fact]
     public async Task Image_made_by_qemu_img_with_a_raw_data_file_opens_by_its_header_name_and_stays_clean()
     {
         var meta = PathOf("qmeta.qcow2");

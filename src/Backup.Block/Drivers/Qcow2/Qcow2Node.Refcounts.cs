@@ -60,6 +60,14 @@ public sealed partial class Qcow2Node
         // too. A flush would do the same but write back every dirty page of the image (all the guest
         // data written since the last one) each time the reserve runs dry.
         await UpdateRefcountsAsync(clusters, +1, cancellationToken, WriteFlags.Fua).ConfigureAwait(false);
+        // Grow the file over the batch now (sparse): writes past the end of a file are serialised by
+        // the file system (ext4 takes the inode lock exclusively and waits for other O_DIRECT writes
+        // before extending), writes inside it run in parallel.
+        var end = (clusters.Max() + 1) * _clusterSize;
+        if (end > _file.Length)
+        {
+            await _file.TruncateAsync(end, cancellationToken).ConfigureAwait(false);
+        }
         foreach (var c in clusters)
         {
             _reserve.Enqueue(c * _clusterSize);

@@ -113,6 +113,7 @@ internal static class Program
         services.AddSingleton<BackupStarter>();
         services.AddSingleton<ICommandModule, JobCommands>();
         services.AddSingleton<ICommandModule, BackupCommands>();
+        services.AddSingleton<ICommandModule, CreateCommands>();
         services.AddSingleton<ITransactionActionModule, BackupTransactionActions>();
         services.AddSingleton<QmpDispatcher>();
         services.AddSingleton(sp => new QmpServer(sp.GetRequiredService<QmpDispatcher>(), sp.GetRequiredService<VersionInfo>(),

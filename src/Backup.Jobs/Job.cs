@@ -55,6 +55,12 @@ public abstract class Job
     /// <summary>The JobType wire name ("backup").</summary>
     public abstract string Type { get; }
 
+    /// <summary>
+    /// Block jobs (backup) also emit BLOCK_JOB_* events and are listed by query-block-jobs and found by
+    /// block-job-*; plain jobs (blockdev-create) have only JOB_STATUS_CHANGE, as in QEMU.
+    /// </summary>
+    public virtual bool IsBlockJob => true;
+
     public JobStatus Status { get; private set; } = JobStatus.Undefined;
 
     public bool AutoFinalize { get; }
@@ -189,7 +195,7 @@ public abstract class Job
         };
         lock (Sync)
         {
-            Manager.Emit("BLOCK_JOB_ERROR", [new("device", Id), new("operation", isRead ? "read" : "write"), new("action", action)]);
+            EmitBlockEvent("BLOCK_JOB_ERROR", [new("device", Id), new("operation", isRead ? "read" : "write"), new("action", action)]);
             if (action == "stop")
             {
                 if (!UserPaused)
@@ -301,7 +307,7 @@ public abstract class Job
         Transition(JobStatus.Pending);
         if (!AutoFinalize)
         {
-            Manager.Emit("BLOCK_JOB_PENDING", [new("type", Type), new("id", Id)]);
+            EmitBlockEvent("BLOCK_JOB_PENDING", [new("type", Type), new("id", Id)]);
             return;
         }
         FinalizeLocked();
@@ -318,13 +324,13 @@ public abstract class Job
         Clean();
         if (IsCancelled)
         {
-            Manager.Emit("BLOCK_JOB_CANCELLED", BlockEventData());
+            EmitBlockEvent("BLOCK_JOB_CANCELLED", BlockEventData());
         }
         else
         {
             var data = BlockEventData();
             data.Add(new("error", Error));
-            Manager.Emit("BLOCK_JOB_COMPLETED", data);
+            EmitBlockEvent("BLOCK_JOB_COMPLETED", data);
         }
         ConcludeLocked();
     }
@@ -333,7 +339,7 @@ public abstract class Job
     {
         Commit();
         Clean();
-        Manager.Emit("BLOCK_JOB_COMPLETED", BlockEventData());
+        EmitBlockEvent("BLOCK_JOB_COMPLETED", BlockEventData());
         ConcludeLocked();
     }
 
@@ -350,6 +356,14 @@ public abstract class Job
     {
         Transition(JobStatus.Null);
         Manager.RemoveLocked(this);
+    }
+
+    private void EmitBlockEvent(string name, List<KeyValuePair<string, object?>> data)
+    {
+        if (IsBlockJob)
+        {
+            Manager.Emit(name, data);
+        }
     }
 
     private List<KeyValuePair<string, object?>> BlockEventData() =>

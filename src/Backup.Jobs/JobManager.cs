@@ -36,7 +36,7 @@ public sealed class JobManager(Func<IEventSink> events)
 
     /// <summary>For block-job-*: DeviceNotActive "Block job 'X' not found".</summary>
     public Job GetBlockJob(string id) =>
-        Find(id) ?? throw new BlockException($"Block job '{id}' not found", ErrorClass.DeviceNotActive);
+        Find(id) is { IsBlockJob: true } job ? job : throw new BlockException($"Block job '{id}' not found", ErrorClass.DeviceNotActive);
 
     /// <summary>QEMU's id checks: well-formed ("Invalid job ID 'x'"; no id at all is '') and unused.</summary>
     public void CheckNewId(string? id)

@@ -32,6 +32,7 @@ public class SchemaTests
         new Backup.Jobs.Commands.JobCommands(new Backup.Jobs.JobManager(() => new NullEvents())),
         new Backup.Jobs.Commands.BackupCommands(new Backup.Jobs.BackupStarter(BlockGraph.CreateDefault(),
             new Backup.Jobs.JobManager(() => new NullEvents()))),
+        new Backup.Jobs.Commands.CreateCommands(new Backup.Jobs.JobManager(() => new NullEvents()), BlockGraph.CreateDefault()),
     ]);
     }
 

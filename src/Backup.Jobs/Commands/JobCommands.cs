@@ -9,8 +9,10 @@ public sealed class JobCommands(JobManager jobs) : ICommandModule
     public void Register(CommandTable table)
     {
         ArgumentNullException.ThrowIfNull(table);
-        table.Add("query-jobs", (_, _, _) => Result(new JsonArray([.. jobs.Jobs.Select(JobInfo)])));
-        table.Add("query-block-jobs", (_, _, _) => Result(new JsonArray([.. jobs.Jobs.Select(BlockJobInfo)])));
+        // Newest first, as QEMU lists them (its job list inserts at the head).
+        table.Add("query-jobs", (_, _, _) => Result(new JsonArray([.. jobs.Jobs.Reverse().Select(JobInfo)])));
+        table.Add("query-block-jobs", (_, _, _) =>
+            Result(new JsonArray([.. jobs.Jobs.Reverse().Where(j => j.IsBlockJob).Select(BlockJobInfo)])));
         table.Add("job-pause", (a, _, _) => Done(() => jobs.Get(Id(a)).Pause()));
         table.Add("job-resume", (a, _, _) => Done(() => jobs.Get(Id(a)).Resume()));
         table.Add("job-cancel", (a, _, _) => Done(() => jobs.Get(Id(a)).Cancel(force: true)));

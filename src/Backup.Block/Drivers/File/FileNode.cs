@@ -1,4 +1,5 @@
 using System.Buffers;
+using System.Runtime.InteropServices;
 using Backup.Block.Posix;
 using Microsoft.Win32.SafeHandles;
 
@@ -62,6 +63,14 @@ public sealed class FileNode : BlockNode
         {
             await DirectWriteAsync(offset, data, cancellationToken).ConfigureAwait(false);
         }
+        else if ((flags & WriteFlags.Fua) != 0)
+        {
+            // FUA makes this write durable, not every other dirty page of the file: pwritev2(RWF_DSYNC)
+            // syncs only its range, where write + fdatasync would write back the whole file's cache.
+            await WriteDurableAsync(offset, data, cancellationToken).ConfigureAwait(false);
+            GrowTo(offset + data.Length);
+            return;
+        }
         else
         {
             await RandomAccess.WriteAsync(_handle, data, offset, cancellationToken).ConfigureAwait(false);
@@ -70,6 +79,39 @@ public sealed class FileNode : BlockNode
         if ((flags & WriteFlags.Fua) != 0)
         {
             await FlushCoreAsync(cancellationToken).ConfigureAwait(false);
+        }
+    }
+
+    private async ValueTask WriteDurableAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        byte[]? rented = null;
+        if (!MemoryMarshal.TryGetArray(data, out var segment))
+        {
+            rented = ArrayPool<byte>.Shared.Rent(data.Length);
+            data.CopyTo(rented);
+            segment = new ArraySegment<byte>(rented, 0, data.Length);
+        }
+        try
+        {
+            var err = await Task.Run(() => LibC.WriteDurable(_handle, segment.Array!, segment.Offset, segment.Count, offset), cancellationToken)
+                .ConfigureAwait(false);
+            if (err == LibC.EOPNOTSUPP || err == LibC.EINVAL)
+            {
+                // A kernel or file system without RWF_DSYNC: the portable way.
+                await RandomAccess.WriteAsync(_handle, data, offset, cancellationToken).ConfigureAwait(false);
+                await FlushCoreAsync(cancellationToken).ConfigureAwait(false);
+            }
+            else if (err != 0)
+            {
+                throw LibC.ErrnoException(err);
+            }
+        }
+        finally
+        {
+            if (rented is not null)
+            {
+                ArrayPool<byte>.Shared.Return(rented);
+            }
         }
     }
 

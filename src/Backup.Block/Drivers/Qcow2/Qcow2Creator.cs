@@ -11,6 +11,7 @@ public enum Qcow2Version
 public enum Qcow2Preallocation
 {
     Off,
+    /// <summary>Every guest cluster mapped (L2 tables and host clusters allocated), the data not written.</summary>
     Metadata,
 }
 
@@ -25,6 +26,12 @@ public sealed record Qcow2CreateOptions
     public Qcow2Preallocation Preallocation { get; init; } = Qcow2Preallocation.Off;
     public bool LazyRefcounts { get; init; }
     public int RefcountBits { get; init; } = 16;
+
+    /// <summary>An external data file for the guest data (v3 only); its name goes into the header.</summary>
+    public BlockNode? DataFile { get; init; }
+
+    /// <summary>The data file stays a plain raw image (autoclear bit data-file-raw); implies metadata preallocation.</summary>
+    public bool DataFileRaw { get; init; }
 }
 
 /// <summary>
@@ -38,7 +45,16 @@ public static class Qcow2Creator
     {
         ArgumentNullException.ThrowIfNull(file);
         ArgumentNullException.ThrowIfNull(options);
-        Validate(options);
+        Validate(options, options.DataFile is not null);
+        if (options.Size < 0)
+        {
+            throw new BlockException("Could not resize image: Image size cannot be negative");
+        }
+        if (options.DataFileRaw && options.Preallocation == Qcow2Preallocation.Off)
+        {
+            // A raw data file is only raw if every guest cluster maps to its own offset in it.
+            options = options with { Preallocation = Qcow2Preallocation.Metadata };
+        }
         var cs = options.ClusterSize;
         var clusterBits = System.Numerics.BitOperations.Log2((uint)cs);
         var refcountOrder = System.Numerics.BitOperations.Log2((uint)options.RefcountBits);
@@ -75,6 +91,10 @@ public static class Qcow2Creator
         {
             extensions.Add(Qcow2HeaderExtension.FromString(Qcow2HeaderExtension.BackingFormat, options.BackingFormat));
         }
+        if (options.DataFile is not null)
+        {
+            extensions.Add(Qcow2HeaderExtension.FromString(Qcow2HeaderExtension.ExternalDataFile, options.DataFile.Filename));
+        }
         // qemu-img (7.2) leaves the feature name table out of images with clusters of 4 KiB and less;
         // we do the same so that our images are byte-identical to theirs.
         if (v3 && cs > 4096)
@@ -94,6 +114,8 @@ public static class Qcow2Creator
                 RefcountTableOffset = (ulong)refTableOffset,
                 RefcountTableClusters = (uint)refTableClusters,
                 CompatibleFeatures = options.LazyRefcounts ? Qcow2Header.CompatLazyRefcounts : 0,
+                IncompatibleFeatures = options.DataFile is not null ? Qcow2Header.IncompatDataFile : 0,
+                AutoclearFeatures = options.DataFileRaw ? Qcow2Header.AutoclearDataFileRaw : 0,
                 RefcountOrder = refcountOrder,
                 HeaderLength = v3 ? Qcow2Header.V3HeaderLength : Qcow2Header.V2HeaderLength,
                 ExtraFields = v3 ? new byte[Qcow2Header.V3HeaderLength - 105] : [],
@@ -124,22 +146,44 @@ public static class Qcow2Creator
         await file.WriteAsync(0, headerBytes, WriteFlags.None, cancellationToken).ConfigureAwait(false);
         await file.FlushAsync(cancellationToken).ConfigureAwait(false);
 
+        if (options.DataFile is { } dataFile && dataFile.Length < options.Size)
+        {
+            // Grown, never shrunk: an existing raw disk keeps its data (a metadata image for it, issue 8).
+            await dataFile.TruncateAsync(options.Size, cancellationToken).ConfigureAwait(false);
+        }
         if (options.Preallocation == Qcow2Preallocation.Metadata)
         {
-            await PreallocateMetadataAsync(file, cancellationToken).ConfigureAwait(false);
+            await PreallocateMetadataAsync(file, options.DataFile, cancellationToken).ConfigureAwait(false);
         }
     }
 
-    private static void Validate(Qcow2CreateOptions o)
+    /// <summary>
+    /// QEMU's checks of BlockdevCreateOptionsQcow2, in its order (so that the first error reported is
+    /// the same). <paramref name="hasDataFile"/>: a data file was asked for (it may not be resolved yet).
+    /// </summary>
+    public static void Validate(Qcow2CreateOptions o, bool hasDataFile)
     {
+        ArgumentNullException.ThrowIfNull(o);
+        if (o.Size % 512 != 0)
+        {
+            throw new BlockException("Image size must be a multiple of 512 bytes");
+        }
         var cs = o.ClusterSize;
         if (cs < 512 || cs > 2 << 20 || (cs & (cs - 1)) != 0)
         {
             throw new BlockException("Cluster size must be a power of two between 512 and 2048k");
         }
-        if (o.Size < 0 || o.Size % 512 != 0)
+        if (o.BackingFile is not null && o.Preallocation != Qcow2Preallocation.Off)
         {
-            throw new BlockException("Image size must be a multiple of 512 bytes");
+            throw new BlockException("Backing file and preallocation can only be used at the same time if extended_l2 is on");
+        }
+        if (o.BackingFormat is not null && o.BackingFile is null)
+        {
+            throw new BlockException("Backing format cannot be used without backing file");
+        }
+        if (o.Version == Qcow2Version.V2 && o.LazyRefcounts)
+        {
+            throw new BlockException("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         if (o.RefcountBits is not (1 or 2 or 4 or 8 or 16 or 32 or 64))
         {
@@ -149,13 +193,17 @@ public static class Qcow2Creator
         {
             throw new BlockException("Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)");
         }
-        if (o.Version == Qcow2Version.V2 && o.LazyRefcounts)
+        if (hasDataFile && o.Version == Qcow2Version.V2)
         {
-            throw new BlockException("Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+            throw new BlockException("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
-        if (o.BackingFormat is not null && o.BackingFile is null)
+        if (o.DataFileRaw && !hasDataFile)
         {
-            throw new BlockException("Backing format cannot be used without backing file");
+            throw new BlockException("data-file-raw requires data-file");
+        }
+        if (o.DataFileRaw && o.BackingFile is not null)
+        {
+            throw new BlockException("Backing file and data-file-raw cannot be used at the same time");
         }
         if (o.BackingFile is not null && System.Text.Encoding.UTF8.GetByteCount(o.BackingFile) > Qcow2HeaderCluster.MaxBackingFileNameLength)
         {
@@ -179,7 +227,7 @@ public static class Qcow2Creator
     }
 
     /// <summary>preallocation=metadata: every guest cluster gets an L2 entry and a host cluster; the file is grown to cover them.</summary>
-    private static async Task PreallocateMetadataAsync(BlockNode file, CancellationToken cancellationToken)
+    private static async Task PreallocateMetadataAsync(BlockNode file, BlockNode? dataFile, CancellationToken cancellationToken)
     {
         var context = new NodeContext
         {
@@ -190,7 +238,7 @@ public static class Qcow2Creator
         };
         var headerCluster = await Qcow2Driver.ReadHeaderClusterAsync(file, cancellationToken).ConfigureAwait(false);
         var sizes = new Qcow2CacheSizes(4L * headerCluster.Header.ClusterSize, 4L * headerCluster.Header.ClusterSize);
-        var node = await Qcow2Node.OpenAsync(context, file, null, headerCluster, sizes, cancellationToken).ConfigureAwait(false);
+        var node = await Qcow2Node.OpenAsync(context, file, null, dataFile, headerCluster, sizes, cancellationToken).ConfigureAwait(false);
         try
         {
             await node.PreallocateAsync(cancellationToken).ConfigureAwait(false);

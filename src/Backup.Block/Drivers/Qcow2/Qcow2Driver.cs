@@ -5,7 +5,8 @@ namespace Backup.Block.Drivers.Qcow2;
 /// <summary>
 /// The <c>qcow2</c> format driver. Options follow QEMU's BlockdevOptionsQcow2: <c>file</c> (required),
 /// <c>backing</c> (a node name, nested options, or null for none; absent means "the file named in the
-/// header"), the cache sizes, and the discard/overlap/lazy-refcount tunables, which are accepted.
+/// header"), <c>data-file</c> (the external data file; absent means "the file named in the header"),
+/// the cache sizes, and the discard/overlap/lazy-refcount tunables, which are accepted.
 /// </summary>
 /// <remarks>
 /// Cache sizing: by default the L2 cache holds enough tables to map the whole image, capped at
@@ -19,8 +20,8 @@ public sealed class Qcow2Driver : IBlockDriver
 {
     public const long DefaultMaxL2CacheBytes = 32L << 20;
 
-    /// <summary>Incompatible features we implement: dirty (refused read-write) and corrupt (read-only).</summary>
-    private const ulong SupportedIncompatible = Qcow2Header.IncompatDirty | Qcow2Header.IncompatCorrupt;
+    /// <summary>Incompatible features we implement: dirty (refused read-write), corrupt (read-only) and external data file.</summary>
+    private const ulong SupportedIncompatible = Qcow2Header.IncompatDirty | Qcow2Header.IncompatCorrupt | Qcow2Header.IncompatDataFile;
 
     public string Name => "qcow2";
 
@@ -59,7 +60,45 @@ public sealed class Qcow2Driver : IBlockDriver
         {
             backing = await OpenImplicitBackingAsync(context, file, name, headerCluster.BackingFormat, cancellationToken).ConfigureAwait(false);
         }
-        return await Qcow2Node.OpenAsync(context, file, backing, headerCluster, cacheSizes, cancellationToken).ConfigureAwait(false);
+        var dataFile = await OpenDataFileAsync(context, headerCluster, cancellationToken).ConfigureAwait(false);
+        return await Qcow2Node.OpenAsync(context, file, backing, dataFile, headerCluster, cacheSizes, cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// The external data file: the <c>data-file</c> option, or else the name in the header extension,
+    /// opened with the file driver as given (relative names are relative to the working directory, as in
+    /// QEMU). Null when the image has none.
+    /// </summary>
+    private static async ValueTask<BlockNode?> OpenDataFileAsync(NodeContext context, Qcow2HeaderCluster headerCluster,
+        CancellationToken cancellationToken)
+    {
+        var h = headerCluster.Header;
+        var hasDataFile = (h.IncompatibleFeatures & Qcow2Header.IncompatDataFile) != 0;
+        if (!hasDataFile)
+        {
+            if (context.Options.Contains("data-file"))
+            {
+                throw new BlockException("'data-file' can only be set for images with an external data file");
+            }
+            if ((h.AutoclearFeatures & Qcow2Header.AutoclearDataFileRaw) != 0)
+            {
+                throw new BlockException("data-file-raw requires a data file");
+            }
+            return null;
+        }
+        if (context.Options.Contains("data-file"))
+        {
+            return await context.Graph.OpenChildAsync(context, "data-file", required: true, cancellationToken).ConfigureAwait(false);
+        }
+        if (headerCluster.DataFileName is not { Length: > 0 } name)
+        {
+            throw new BlockException("'data-file' is required for this image");
+        }
+        var parent = context with
+        {
+            Options = new BlockOptions { ["data-file"] = new BlockOptions { ["driver"] = "file", ["filename"] = name } },
+        };
+        return await context.Graph.OpenChildAsync(parent, "data-file", required: true, cancellationToken).ConfigureAwait(false);
     }
 
     internal static async ValueTask<Qcow2HeaderCluster> ReadHeaderClusterAsync(BlockNode file, CancellationToken cancellationToken)

@@ -24,6 +24,11 @@ internal sealed record Qcow2HeaderCluster
         Extensions.FirstOrDefault(e => e.Type == Qcow2HeaderExtension.BackingFormat) is { Data: not null } ext
             ? ext.DataAsString() : null;
 
+    /// <summary>The external data file's name (extension 0x44415441), as stored: QEMU opens it as given, relative to its working directory.</summary>
+    public string? DataFileName =>
+        Extensions.FirstOrDefault(e => e.Type == Qcow2HeaderExtension.ExternalDataFile) is { Data: not null } ext
+            ? ext.DataAsString() : null;
+
     public IReadOnlyList<Qcow2FeatureNameEntry> FeatureNames =>
         Extensions.FirstOrDefault(e => e.Type == Qcow2HeaderExtension.FeatureNameTable) is { Data: not null } ext
             ? Qcow2FeatureNameEntry.ReadTable(ext.Data) : [];

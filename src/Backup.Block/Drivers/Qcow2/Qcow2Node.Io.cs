@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.IO.Compression;
+using System.Runtime.CompilerServices;
 using Backup.Block.Posix;
 
 namespace Backup.Block.Drivers.Qcow2;
@@ -28,12 +29,21 @@ public sealed partial class Qcow2Node
 
     private long L2Coverage => (long)_clusterSize << _l2Bits;
 
-    private static ClusterKind KindOf(Qcow2L2Entry e) =>
+    private ClusterKind KindOf(Qcow2L2Entry e) =>
         e.IsCompressed ? ClusterKind.Compressed
         : e.IsZero ? ClusterKind.Zero
-        : e.HostOffset == 0 ? ClusterKind.Unallocated
+        : !HasHostCluster(e) ? ClusterKind.Unallocated
         : e.IsCopied ? ClusterKind.DataCopied
         : ClusterKind.DataShared;
+
+    /// <summary>
+    /// Whether a standard entry names a host cluster. Offset 0 means "none" except with an external data
+    /// file, where offset 0 with COPIED is guest cluster 0's place in the data file (qcow2.txt).
+    /// </summary>
+    private bool HasHostCluster(Qcow2L2Entry e) => !e.IsCompressed && (e.HostOffset != 0 || (_hasDataFile && e.IsCopied));
+
+    /// <summary>A data cluster that only this entry references: writable in place.</summary>
+    private bool IsWritableInPlace(Qcow2L2Entry e) => !e.IsZero && e.IsCopied && HasHostCluster(e);
 
     /// <summary>Maps from <paramref name="guestOffset"/> up to <paramref name="maxLength"/> bytes, stopping at the end of the L2 table.</summary>
     private Mapping Map(ulong[]? table, long guestOffset, long maxLength)
@@ -98,7 +108,62 @@ public sealed partial class Qcow2Node
 
     // ------------------------------------------------------------------ read
 
-    protected override async ValueTask ReadCoreAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken)
+    protected override ValueTask ReadCoreAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken)
+    {
+        // Fast path, the common case: the L2 table is cached and the whole request maps to one run of
+        // data clusters (or zeros). One lookup, one read of the data node, one async frame of our own.
+        var parity = EnterLockFree();
+        try
+        {
+            if (TryGetL2LockFree(offset, out var table))
+            {
+                var m = Map(table, offset, buffer.Length);
+                if (m.Length == buffer.Length)
+                {
+                    switch (m.Kind)
+                    {
+                        case ClusterKind.DataCopied or ClusterKind.DataShared when m.HostOffset + m.Length <= _data.Length:
+                            var read = _data.ReadAsync(m.HostOffset, buffer, cancellationToken);
+                            if (!read.IsCompletedSuccessfully)
+                            {
+                                var pending = FinishLockFreeAsync(read, parity);
+                                parity = -1;
+                                return pending;
+                            }
+                            read.GetAwaiter().GetResult();
+                            return ValueTask.CompletedTask;
+                        case ClusterKind.Zero:
+                            buffer.Span.Clear();
+                            return ValueTask.CompletedTask;
+                    }
+                }
+            }
+        }
+        finally
+        {
+            if (parity >= 0)
+            {
+                ExitLockFree(parity);
+            }
+        }
+        return ReadSlowAsync(offset, buffer, cancellationToken);
+    }
+
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    private async ValueTask FinishLockFreeAsync(ValueTask read, int parity)
+    {
+        try
+        {
+            await read.ConfigureAwait(false);
+        }
+        finally
+        {
+            ExitLockFree(parity);
+        }
+    }
+
+    /// <summary>Any request: runs of different kinds, tables to load, backing reads, compressed clusters.</summary>
+    private async ValueTask ReadSlowAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken)
     {
         var pos = 0;
         ulong[]? loaded = null;
@@ -142,7 +207,7 @@ public sealed partial class Qcow2Node
         switch (m.Kind)
         {
             case ClusterKind.DataCopied or ClusterKind.DataShared:
-                await ReadFileAsync(_file, m.HostOffset, destination, cancellationToken).ConfigureAwait(false);
+                await ReadFileAsync(_data, m.HostOffset, destination, cancellationToken).ConfigureAwait(false);
                 break;
             case ClusterKind.Zero:
                 destination.Span.Clear();
@@ -186,6 +251,11 @@ public sealed partial class Qcow2Node
         {
             throw new BlockException("qcow2: unsupported compression type");
         }
+        if (_hasDataFile)
+        {
+            // qcow2.txt: images with an external data file have no compressed clusters.
+            throw new IOException($"qcow2: compressed cluster in '{Filename}', which has an external data file (image corrupt)");
+        }
         var offset = entry.CompressedOffset(_clusterBits);
         var length = entry.CompressedLength(_clusterBits);
         var compressed = ArrayPool<byte>.Shared.Rent(length);
@@ -221,7 +291,7 @@ public sealed partial class Qcow2Node
         switch (KindOf(entry))
         {
             case ClusterKind.DataCopied or ClusterKind.DataShared:
-                await ReadFileAsync(_file, entry.HostOffset, destination, cancellationToken).ConfigureAwait(false);
+                await ReadFileAsync(_data, entry.HostOffset, destination, cancellationToken).ConfigureAwait(false);
                 break;
             case ClusterKind.Compressed:
                 await DecompressAsync(entry, destination, cancellationToken).ConfigureAwait(false);
@@ -240,17 +310,13 @@ public sealed partial class Qcow2Node
     protected override async ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken)
     {
         var pos = await WriteInPlaceAsync(offset, data, cancellationToken).ConfigureAwait(false);
-        if (pos < data.Length)
+        while (pos < data.Length)
         {
-            await _meta.WaitAsync(cancellationToken).ConfigureAwait(false);
-            try
-            {
-                await WriteLockedAsync(offset + pos, data[pos..], cancellationToken).ConfigureAwait(false);
-            }
-            finally
-            {
-                _meta.Release();
-            }
+            // The rest needs allocation or copy-on-write somewhere: one L2 table at a time.
+            var guest = offset + pos;
+            var chunk = (int)Math.Min(data.Length - pos, (guest / L2Coverage + 1) * L2Coverage - guest);
+            await WriteAllocatingAsync(guest, data.Slice(pos, chunk), cancellationToken).ConfigureAwait(false);
+            pos += chunk;
         }
         if ((flags & WriteFlags.Fua) != 0)
         {
@@ -279,7 +345,7 @@ public sealed partial class Qcow2Node
                 {
                     break;
                 }
-                await _file.WriteAsync(m.HostOffset, data.Slice(pos, m.Length), WriteFlags.None, cancellationToken).ConfigureAwait(false);
+                await _data.WriteAsync(m.HostOffset, data.Slice(pos, m.Length), WriteFlags.None, cancellationToken).ConfigureAwait(false);
                 pos += m.Length;
             }
         }
@@ -290,114 +356,14 @@ public sealed partial class Qcow2Node
         return pos;
     }
 
-    /// <summary>Writes with allocation and copy-on-write, one L2 table at a time (metadata lock held).</summary>
-    private async ValueTask WriteLockedAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
-    {
-        var pos = 0;
-        while (pos < data.Length)
-        {
-            var guest = offset + pos;
-            var l1Index = (int)(guest / L2Coverage);
-            var chunk = (int)Math.Min(data.Length - pos, (l1Index + 1) * L2Coverage - guest);
-            await WriteWithinTableAsync(l1Index, guest, data.Slice(pos, chunk), cancellationToken).ConfigureAwait(false);
-            pos += chunk;
-        }
-        await ProcessPendingFreesIfManyAsync(cancellationToken).ConfigureAwait(false);
-    }
-
-    private async ValueTask WriteWithinTableAsync(int l1Index, long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
-    {
-        var (table, l2Offset) = await GetL2ForUpdateAsync(l1Index, cancellationToken).ConfigureAwait(false);
-        int firstChanged = int.MaxValue, lastChanged = -1;
-        var pos = 0;
-        byte[]? buffer = null;
-        // Whole new clusters that land on consecutive host clusters are written with one request; their
-        // entries are set only after that write, so lock-free readers never see unwritten clusters.
-        long runHost = 0;
-        int runStart = 0, runLength = 0, runFirstIndex = 0;
-        try
-        {
-            while (pos < data.Length)
-            {
-                var guest = offset + pos;
-                var index = (int)((guest >> _clusterBits) & (_l2Entries - 1));
-                var intra = (int)(guest & (_clusterSize - 1));
-                var n = Math.Min(_clusterSize - intra, data.Length - pos);
-                var entry = new Qcow2L2Entry(Volatile.Read(ref table[index]));
-                if (entry.IsWritableInPlace)
-                {
-                    await FlushRunAsync().ConfigureAwait(false);
-                    await _file.WriteAsync(entry.HostOffset + intra, data.Slice(pos, n), WriteFlags.None, cancellationToken).ConfigureAwait(false);
-                    pos += n;
-                    continue;
-                }
-                // A preallocated zero cluster we own keeps its host cluster; anything else gets a new one.
-                var reuse = entry.IsZero && entry.HostOffset != 0 && entry.IsCopied;
-                var host = reuse ? entry.HostOffset : await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
-                if (n == _clusterSize)
-                {
-                    if (runLength > 0 && host != runHost + runLength)
-                    {
-                        await FlushRunAsync().ConfigureAwait(false);
-                    }
-                    if (runLength == 0)
-                    {
-                        (runHost, runStart, runFirstIndex) = (host, pos, index);
-                    }
-                    runLength += n;
-                }
-                else
-                {
-                    await FlushRunAsync().ConfigureAwait(false);
-                    buffer ??= ArrayPool<byte>.Shared.Rent(_clusterSize);
-                    var cluster = buffer.AsMemory(0, _clusterSize);
-                    await ReadClusterSourceAsync(guest - intra, entry, cluster, cancellationToken).ConfigureAwait(false);
-                    data.Slice(pos, n).CopyTo(cluster[intra..]);
-                    await _file.WriteAsync(host, cluster, WriteFlags.None, cancellationToken).ConfigureAwait(false);
-                    Volatile.Write(ref table[index], Qcow2L2Entry.Standard(host).Raw);
-                    firstChanged = Math.Min(firstChanged, index);
-                    lastChanged = Math.Max(lastChanged, index);
-                }
-                DropReference(entry, keep: reuse ? host : 0);
-                pos += n;
-            }
-            await FlushRunAsync().ConfigureAwait(false);
-        }
-        finally
-        {
-            if (buffer is not null)
-            {
-                ArrayPool<byte>.Shared.Return(buffer);
-            }
-            // Data first, then the entries that point at it.
-            if (lastChanged >= 0)
-            {
-                await WriteL2EntriesAsync(l2Offset, table, firstChanged, lastChanged - firstChanged + 1, cancellationToken)
-                    .ConfigureAwait(false);
-            }
-        }
-
-        async ValueTask FlushRunAsync()
-        {
-            if (runLength == 0)
-            {
-                return;
-            }
-            await _file.WriteAsync(runHost, data.Slice(runStart, runLength), WriteFlags.None, cancellationToken).ConfigureAwait(false);
-            var clusters = runLength >> _clusterBits;
-            for (var i = 0; i < clusters; i++)
-            {
-                Volatile.Write(ref table[runFirstIndex + i], Qcow2L2Entry.Standard(runHost + ((long)i << _clusterBits)).Raw);
-            }
-            firstChanged = Math.Min(firstChanged, runFirstIndex);
-            lastChanged = Math.Max(lastChanged, runFirstIndex + clusters - 1);
-            runLength = 0;
-        }
-    }
-
     /// <summary>The entry <paramref name="old"/> was replaced: its host clusters lose a reference (after the next flush).</summary>
     private void DropReference(Qcow2L2Entry old, long keep)
     {
+        if (_hasDataFile)
+        {
+            // Clusters of an external data file are not refcounted.
+            return;
+        }
         if (old.IsCompressed)
         {
             FreeCompressedLater(old);
@@ -412,6 +378,17 @@ public sealed partial class Qcow2Node
 
     protected override async ValueTask WriteZeroesCoreAsync(long offset, long length, WriteFlags flags, CancellationToken cancellationToken)
     {
+        if (_dataFileRaw)
+        {
+            // The data file must read as the guest sees it, so the zeros go there. The mapping need not
+            // change: mapped clusters now hold zeros, unmapped and zero-flagged ones read as zeros anyway.
+            await _data.WriteZeroesAsync(offset, length, flags & ~WriteFlags.Fua, cancellationToken).ConfigureAwait(false);
+            if ((flags & WriteFlags.Fua) != 0)
+            {
+                await FlushCoreAsync(cancellationToken).ConfigureAwait(false);
+            }
+            return;
+        }
         var end = offset + length;
         var alignedStart = AlignUp(offset);
         var alignedEnd = end == _virtualSize ? AlignUp(end) : AlignDown(end);
@@ -491,6 +468,12 @@ public sealed partial class Qcow2Node
 
     protected override async ValueTask DiscardCoreAsync(long offset, long length, CancellationToken cancellationToken)
     {
+        if (_dataFileRaw)
+        {
+            // Dropping the mapping would break the raw data file's promise; discard its blocks instead.
+            await _data.DiscardAsync(offset, length, cancellationToken).ConfigureAwait(false);
+            return;
+        }
         // Only whole clusters can be dropped; a discard is a hint, so the partial ends stay as they are.
         var start = AlignUp(offset);
         var end = offset + length == _virtualSize ? AlignUp(offset + length) : AlignDown(offset + length);
@@ -531,6 +514,9 @@ public sealed partial class Qcow2Node
                 offset = chunkEnd;
                 continue;
             }
+            // Allocating writes in flight on these clusters finish first; their entries are then final.
+            await WaitForInFlightLockedAsync(offset >> _clusterBits, (chunkEnd + _clusterSize - 1) >> _clusterBits, cancellationToken)
+                .ConfigureAwait(false);
             var (table, l2Offset) = await GetL2ForUpdateAsync(l1Index, cancellationToken).ConfigureAwait(false);
             var first = (int)((offset >> _clusterBits) & (_l2Entries - 1));
             var count = (int)((chunkEnd - offset + _clusterSize - 1) >> _clusterBits);
@@ -540,7 +526,7 @@ public sealed partial class Qcow2Node
             {
                 var old = new Qcow2L2Entry(Volatile.Read(ref table[i]));
                 Qcow2L2Entry next;
-                if (replacement.IsZero && keepAllocation && old.IsCopied && !old.IsCompressed && old.HostOffset != 0)
+                if (replacement.IsZero && keepAllocation && old.IsCopied && HasHostCluster(old))
                 {
                     next = new Qcow2L2Entry(old.Raw | Qcow2L2Entry.ZeroFlag);
                 }
@@ -587,6 +573,10 @@ public sealed partial class Qcow2Node
         finally
         {
             _meta.Release();
+        }
+        if (_hasDataFile)
+        {
+            await _data.FlushAsync(cancellationToken).ConfigureAwait(false);
         }
         await _file.FlushAsync(cancellationToken).ConfigureAwait(false);
     }

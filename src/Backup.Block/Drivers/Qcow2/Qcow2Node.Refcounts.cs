@@ -16,8 +16,20 @@ public sealed partial class Qcow2Node
     /// <summary>Clusters below this index are known to be in use; the free-cluster search starts here.</summary>
     private long _freeHint;
 
-    /// <summary>How many clusters one refill of the reserve takes (about 32 MiB, at most 8192 clusters; that is what a crash can leak).</summary>
+    /// <summary>How many clusters the first refill of the reserve takes (about 32 MiB, at most 8192 clusters).</summary>
     private int ReserveBatch { get; }
+
+    /// <summary>
+    /// How many clusters the next refill takes. It doubles, up to <see cref="MaxReserveBytes"/>, while
+    /// refills follow each other within a second (a write storm), so that the durable refcount write —
+    /// a device flush, slow on a busy disk — is paid once per 256 MiB rather than once per 32 MiB. What
+    /// a crash can leak is at most this much; a clean close gives the reserve back.
+    /// </summary>
+    private int _reserveBatch;
+
+    private long _lastRefill = long.MinValue / 2;
+
+    private const long MaxReserveBytes = 256L << 20;
 
     /// <summary>Pending frees beyond this many are processed without waiting for a guest flush.</summary>
     private const int MaxPendingFrees = 4096;
@@ -27,7 +39,12 @@ public sealed partial class Qcow2Node
     {
         if (_reserve.Count == 0)
         {
-            await RefillReserveAsync(ReserveBatch, cancellationToken).ConfigureAwait(false);
+            var now = Environment.TickCount64;
+            _reserveBatch = now - _lastRefill < 1000
+                ? (int)Math.Min(Math.Max(_reserveBatch, ReserveBatch) * 2L, Math.Max(ReserveBatch, Math.Min(MaxReserveBytes / _clusterSize, 65536)))
+                : ReserveBatch;
+            _lastRefill = now;
+            await RefillReserveAsync(_reserveBatch, cancellationToken).ConfigureAwait(false);
         }
         return _reserve.Dequeue();
     }
@@ -39,9 +56,18 @@ public sealed partial class Qcow2Node
         {
             clusters.Add(await FindFreeClusterAsync(cancellationToken).ConfigureAwait(false));
         }
-        await UpdateRefcountsAsync(clusters, +1, cancellationToken).ConfigureAwait(false);
-        // The barrier that makes "refcount before reference" hold on power loss too.
-        await _file.FlushAsync(cancellationToken).ConfigureAwait(false);
+        // Durable writes (FUA) are the barrier that makes "refcount before reference" hold on power loss
+        // too. A flush would do the same but write back every dirty page of the image (all the guest
+        // data written since the last one) each time the reserve runs dry.
+        await UpdateRefcountsAsync(clusters, +1, cancellationToken, WriteFlags.Fua).ConfigureAwait(false);
+        // Grow the file over the batch now (sparse): writes past the end of a file are serialised by
+        // the file system (ext4 takes the inode lock exclusively and waits for other O_DIRECT writes
+        // before extending), writes inside it run in parallel.
+        var end = (clusters.Max() + 1) * _clusterSize;
+        if (end > _file.Length)
+        {
+            await _file.TruncateAsync(end, cancellationToken).ConfigureAwait(false);
+        }
         foreach (var c in clusters)
         {
             _reserve.Enqueue(c * _clusterSize);
@@ -188,7 +214,8 @@ public sealed partial class Qcow2Node
     /// Adds <paramref name="delta"/> to the refcount of each cluster (a cluster listed twice changes
     /// twice), writing each changed block range through. Creates refcount blocks as needed.
     /// </summary>
-    private async ValueTask UpdateRefcountsAsync(List<long> clusters, int delta, CancellationToken cancellationToken)
+    private async ValueTask UpdateRefcountsAsync(List<long> clusters, int delta, CancellationToken cancellationToken,
+        WriteFlags flags = WriteFlags.None)
     {
         clusters.Sort();
         byte[]? block = null;
@@ -208,7 +235,7 @@ public sealed partial class Qcow2Node
                     {
                         throw new BlockException($"qcow2: refcount of cluster {cluster} would drop below zero (image corrupt?)");
                     }
-                    offset = await CreateRefBlockAsync(group, cancellationToken).ConfigureAwait(false);
+                    offset = await CreateRefBlockAsync(group, flags, cancellationToken).ConfigureAwait(false);
                 }
                 block = await LoadRefBlockAsync(offset, cancellationToken).ConfigureAwait(false);
                 blockOffset = offset;
@@ -235,8 +262,13 @@ public sealed partial class Qcow2Node
         {
             if (block is not null && dirtyEnd > dirtyStart)
             {
+                // Widened to whole 4 KiB blocks for the same reason as L2 writes (the block in the
+                // cache is the file's content plus these changes).
+                var align = Math.Min(MetadataWriteAlignment, _clusterSize);
+                dirtyStart = dirtyStart / align * align;
+                dirtyEnd = Math.Min(_clusterSize, (dirtyEnd + align - 1) / align * align);
                 await _file.WriteAsync(blockOffset + dirtyStart, block.AsMemory(dirtyStart, dirtyEnd - dirtyStart),
-                    WriteFlags.None, cancellationToken).ConfigureAwait(false);
+                    flags, cancellationToken).ConfigureAwait(false);
             }
             dirtyStart = int.MaxValue;
             dirtyEnd = -1;
@@ -248,7 +280,7 @@ public sealed partial class Qcow2Node
     /// which is free (no block means every refcount in the group is 0) and which the free-cluster search
     /// never hands out, so the block describes itself. Written before the table entry points at it.
     /// </summary>
-    private async ValueTask<long> CreateRefBlockAsync(long group, CancellationToken cancellationToken)
+    private async ValueTask<long> CreateRefBlockAsync(long group, WriteFlags flags, CancellationToken cancellationToken)
     {
         if (group >= _refTable.Length)
         {
@@ -257,12 +289,12 @@ public sealed partial class Qcow2Node
         var offset = group * _refBlockEntries * _clusterSize;
         var block = new byte[_clusterSize];
         SetRefcount(block, 0, 1);
-        await _file.WriteAsync(offset, block, WriteFlags.None, cancellationToken).ConfigureAwait(false);
+        await _file.WriteAsync(offset, block, flags, cancellationToken).ConfigureAwait(false);
         _refCache.Put(offset, block);
         _refTable[group] = (ulong)offset;
         var entry = new byte[8];
         BinaryPrimitives.WriteUInt64BigEndian(entry, (ulong)offset);
-        await _file.WriteAsync(_refTableOffset + group * 8, entry, WriteFlags.None, cancellationToken).ConfigureAwait(false);
+        await _file.WriteAsync(_refTableOffset + group * 8, entry, flags, cancellationToken).ConfigureAwait(false);
         return offset;
     }
 
@@ -399,6 +431,13 @@ public sealed partial class Qcow2Node
     /// <summary>Writes a run of L2 entries of a table through to the file.</summary>
     private async ValueTask WriteL2EntriesAsync(long l2Offset, ulong[] table, int first, int count, CancellationToken cancellationToken)
     {
+        // Whole 4 KiB blocks of the table: the cached table is exactly what the file holds plus this
+        // change (every change is written through under the metadata lock), and a block-aligned write
+        // spares an O_DIRECT file a read-modify-write (a synchronous read under the lock) per request.
+        var perBlock = Math.Min(MetadataWriteAlignment, _clusterSize) / 8;
+        var end = (first + count + perBlock - 1) / perBlock * perBlock;
+        first = first / perBlock * perBlock;
+        count = end - first;
         var bytes = ArrayPool<byte>.Shared.Rent(count * 8);
         try
         {
@@ -414,6 +453,9 @@ public sealed partial class Qcow2Node
             ArrayPool<byte>.Shared.Return(bytes);
         }
     }
+
+    /// <summary>Metadata writes are widened to this alignment (the file node's O_DIRECT block), when the cluster is that large.</summary>
+    private const int MetadataWriteAlignment = 4096;
 
     private async ValueTask WriteL1EntryAsync(int index, CancellationToken cancellationToken)
     {
@@ -470,7 +512,7 @@ public sealed partial class Qcow2Node
             {
                 BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(i * 8), table[i]);
             }
-            await _file.WriteAsync(offset, bytes.AsMemory(0, _clusterSize), WriteFlags.None, cancellationToken).ConfigureAwait(false);
+            await _file.WriteAsync(offset, bytes.AsMemory(0, _clusterSize), WriteFlags.Fua, cancellationToken).ConfigureAwait(false);
         }
         finally
         {
@@ -489,7 +531,10 @@ public sealed partial class Qcow2Node
 
 public sealed partial class Qcow2Node
 {
-    /// <summary>Maps every unallocated guest cluster to a fresh host cluster and grows the file over them.</summary>
+    /// <summary>
+    /// Maps every unallocated guest cluster to a fresh host cluster and grows the file over them; with an
+    /// external data file, to its own place there (host offset = guest offset), growing the data file.
+    /// </summary>
     internal async ValueTask PreallocateAsync(CancellationToken cancellationToken)
     {
         await _meta.WaitAsync(cancellationToken).ConfigureAwait(false);
@@ -506,6 +551,11 @@ public sealed partial class Qcow2Node
                 {
                     if (new Qcow2L2Entry(table[i]).IsUnallocated)
                     {
+                        if (_hasDataFile)
+                        {
+                            table[i] = Qcow2L2Entry.Standard(((long)l1Index * _l2Entries + i) << _clusterBits).Raw;
+                            continue;
+                        }
                         var host = await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
                         table[i] = Qcow2L2Entry.Standard(host).Raw;
                         end = Math.Max(end, host + _clusterSize);
@@ -516,6 +566,10 @@ public sealed partial class Qcow2Node
             if (end > _file.Length)
             {
                 await _file.TruncateAsync(end, cancellationToken).ConfigureAwait(false);
+            }
+            if (_hasDataFile && _data.Length < _virtualSize)
+            {
+                await _data.TruncateAsync(_virtualSize, cancellationToken).ConfigureAwait(false);
             }
         }
         finally

@@ -17,13 +17,19 @@ namespace Backup.Block.Drivers.Qcow2;
 /// <para><b>Crash safety.</b> Metadata is written through (the caches never hold unwritten state) in an
 /// order such that a crash at any point leaks clusters at worst:
 /// <list type="bullet">
-/// <item>Clusters are handed out from a reserve whose refcounts were raised and flushed to disk first,
-/// so a refcount is always stable before any L2 or L1 entry points at its cluster.</item>
-/// <item>Data and new L2 tables are written before the L2 or L1 entry that points at them.</item>
+/// <item>Clusters are handed out from a reserve whose refcounts were raised with durable (FUA) writes
+/// first, so a refcount is always stable before any L2 or L1 entry points at its cluster.</item>
+/// <item>Data is written before the L2 entry that points at it; a new L2 table is written durably
+/// before the L1 entry that points at it (a power loss must not leave L1 pointing at garbage).</item>
 /// <item>Refcounts of clusters that lost their last reference are lowered only after a flush made the
 /// dropped reference durable (<see cref="_pendingFrees"/>), and only when no lock-free request that
 /// may still be using the old mapping is in flight.</item>
 /// </list></para>
+/// <para><b>External data file</b> (incompatible bit 2): guest data lives in a second node at the
+/// guest offset (qcow2.txt: host offset == guest offset, data clusters are not refcounted, an entry with
+/// offset 0 and COPIED maps guest cluster 0); only metadata stays in the image file. With the autoclear
+/// bit <c>data-file-raw</c> the data file must stay a plain raw image on its own, so zeroing and
+/// discarding go to the data file and every cluster stays mapped.</para>
 /// <para><b>Lazy refcounts</b> are accepted but refcounts are always kept exact; the reserve makes that
 /// cheap, and the dirty bit is never set. Images found dirty open read-only only.</para>
 /// </remarks>
@@ -31,6 +37,10 @@ public sealed partial class Qcow2Node : BlockNode
 {
     private readonly BlockNode _file;
     private readonly BlockNode? _backing;
+    /// <summary>Where guest data clusters are: the external data file, or the image file itself.</summary>
+    private readonly BlockNode _data;
+    private readonly bool _hasDataFile;
+    private readonly bool _dataFileRaw;
     private readonly SemaphoreSlim _meta = new(1, 1);
     private readonly Qcow2MetadataCache<ulong[]> _l2Cache;
     private readonly Qcow2MetadataCache<byte[]> _refCache;
@@ -55,11 +65,14 @@ public sealed partial class Qcow2Node : BlockNode
     private readonly int[] _lockFreeInFlight = new int[2];
     private int _epoch;
 
-    private Qcow2Node(NodeContext context, BlockNode file, BlockNode? backing, Qcow2HeaderCluster headerCluster,
+    private Qcow2Node(NodeContext context, BlockNode file, BlockNode? backing, BlockNode? dataFile, Qcow2HeaderCluster headerCluster,
         ulong[] l1, ulong[] refTable, Qcow2CacheSizes cacheSizes) : base(context)
     {
         _file = file;
         _backing = backing;
+        _data = dataFile ?? file;
+        _hasDataFile = dataFile is not null;
+        _dataFileRaw = dataFile is not null && (headerCluster.Header.AutoclearFeatures & Qcow2Header.AutoclearDataFileRaw) != 0;
         _headerCluster = headerCluster;
         var h = headerCluster.Header;
         _clusterBits = h.ClusterBits;
@@ -78,9 +91,16 @@ public sealed partial class Qcow2Node : BlockNode
         _refCache = new Qcow2MetadataCache<byte[]>((int)Math.Max(1, cacheSizes.RefcountBytes / _clusterSize));
         ReserveBatch = Math.Clamp((32 << 20) / _clusterSize, 16, 8192);
         _freeHint = 0;
-        Children = backing is null
-            ? [new BlockChild("file", file)]
-            : [new BlockChild("file", file), new BlockChild("backing", backing)];
+        var children = new List<BlockChild> { new("file", file) };
+        if (backing is not null)
+        {
+            children.Add(new BlockChild("backing", backing));
+        }
+        if (dataFile is not null)
+        {
+            children.Add(new BlockChild("data-file", dataFile));
+        }
+        Children = children;
     }
 
     public override string DriverName => "qcow2";
@@ -95,6 +115,9 @@ public sealed partial class Qcow2Node : BlockNode
 
     public BlockNode? Backing => _backing;
 
+    /// <summary>The external data file, if the image has one.</summary>
+    public BlockNode? DataFile => _hasDataFile ? _data : null;
+
     public int ClusterSize => _clusterSize;
 
     internal int L2CacheCapacity => _l2Cache.Capacity;
@@ -108,7 +131,7 @@ public sealed partial class Qcow2Node : BlockNode
     /// header says, when writable clears the autoclear bits we do not maintain, and loads the stored bitmaps.
     /// </summary>
     internal static async ValueTask<Qcow2Node> OpenAsync(NodeContext context, BlockNode file, BlockNode? backing,
-        Qcow2HeaderCluster headerCluster, Qcow2CacheSizes cacheSizes, CancellationToken cancellationToken)
+        BlockNode? dataFile, Qcow2HeaderCluster headerCluster, Qcow2CacheSizes cacheSizes, CancellationToken cancellationToken)
     {
         var h = headerCluster.Header;
         var cs = h.ClusterSize;
@@ -138,7 +161,7 @@ public sealed partial class Qcow2Node : BlockNode
         var l1 = await ReadTableAsync(file, (long)h.L1TableOffset, (int)h.L1Size, cancellationToken).ConfigureAwait(false);
         var refTable = await ReadTableAsync(file, (long)h.RefcountTableOffset, (int)(h.RefcountTableClusters * (uint)cs / 8),
             cancellationToken).ConfigureAwait(false);
-        var node = new Qcow2Node(context, file, backing, headerCluster, l1, refTable, cacheSizes);
+        var node = new Qcow2Node(context, file, backing, dataFile, headerCluster, l1, refTable, cacheSizes);
         if (!context.ReadOnly && h.Version >= 3 && (h.AutoclearFeatures & ~KnownAutoclearFeatures) != 0)
         {
             // qcow2.txt: a writer must clear the auto-clear bits it does not understand before writing.
@@ -149,8 +172,12 @@ public sealed partial class Qcow2Node : BlockNode
         return node;
     }
 
-    /// <summary>Autoclear features whose data this driver keeps consistent while writing: bitmaps (Qcow2Node.Bitmaps.cs).</summary>
-    internal const ulong KnownAutoclearFeatures = Qcow2Header.AutoclearBitmaps | AutoclearCrashConsistent;
+    /// <summary>
+    /// Autoclear features whose data this driver keeps consistent while writing: bitmaps
+    /// (Qcow2Node.Bitmaps.cs), data-file-raw (every write and zeroing reaches the data file at the guest
+    /// offset) and our crash-consistent bitmap list (Qcow2Node.CrashConsistent.cs).
+    /// </summary>
+    internal const ulong KnownAutoclearFeatures = Qcow2Header.AutoclearBitmaps | Qcow2Header.AutoclearDataFileRaw | AutoclearCrashConsistent;
 
     private static async ValueTask<ulong[]> ReadTableAsync(BlockNode file, long offset, int entries, CancellationToken cancellationToken)
     {
@@ -219,6 +246,14 @@ public sealed partial class Qcow2Node : BlockNode
             data.Add(new("lazy-refcounts", (h.CompatibleFeatures & Qcow2Header.CompatLazyRefcounts) != 0));
         }
         data.Add(new("refcount-bits", 1 << h.RefcountOrder));
+        if (_hasDataFile)
+        {
+            if (_headerCluster.DataFileName is { } dataFileName)
+            {
+                data.Add(new("data-file", dataFileName));
+            }
+            data.Add(new("data-file-raw", _dataFileRaw));
+        }
         if (h.Version >= 3)
         {
             data.Add(new("corrupt", (h.IncompatibleFeatures & Qcow2Header.IncompatCorrupt) != 0));
@@ -258,6 +293,10 @@ public sealed partial class Qcow2Node : BlockNode
                 // Give back what the reserve holds and what discards freed, so a clean close leaks nothing.
                 await ProcessPendingFreesAsync(CancellationToken.None).ConfigureAwait(false);
                 await ReleaseReserveAsync(CancellationToken.None).ConfigureAwait(false);
+                if (_hasDataFile)
+                {
+                    await _data.FlushAsync().ConfigureAwait(false);
+                }
                 await _file.FlushAsync().ConfigureAwait(false);
             }
             finally

@@ -83,6 +83,23 @@ public sealed partial class Qcow2Node
         var clusters = _reserve.Select(o => o >> _clusterBits).ToList();
         _reserve.Clear();
         await UpdateRefcountsAsync(clusters, -1, cancellationToken).ConfigureAwait(false);
+        // The next refill after a flush or close starts small again: the storm it was sized for is over.
+        _lastRefill = long.MinValue / 2;
+
+        // A refill grows the file over its whole batch; give back the unused tail, so the file ends
+        // where its data does. The refcounts reach the disk first: no refcount may outlive the file end.
+        var released = clusters.ToHashSet();
+        var end = (_file.Length + _clusterSize - 1) >> _clusterBits;
+        var newEnd = end;
+        while (newEnd > 0 && released.Contains(newEnd - 1))
+        {
+            newEnd--;
+        }
+        if (newEnd < end)
+        {
+            await _file.FlushAsync(cancellationToken).ConfigureAwait(false);
+            await _file.TruncateAsync(newEnd << _clusterBits, cancellationToken).ConfigureAwait(false);
+        }
     }
 
     /// <summary>

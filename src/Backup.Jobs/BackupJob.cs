@@ -50,6 +50,7 @@ public sealed class BackupJob : Job, IWriteObserver
     public const string BusyReason = "block device is in use by block job: backup";
     private const int DefaultChunk = 1 << 20;
     private const int DefaultWorkers = 8;
+    private const int MaxWorkersCap = 64;
 
     private readonly BackupSettings _s;
     private readonly DirtyBitmap _copyBitmap;
@@ -64,6 +65,8 @@ public sealed class BackupJob : Job, IWriteObserver
     private int _errorEpoch;
     private bool _failed;
     private readonly IDisposable _targetUser;
+    /// <summary>The target has no backing node, so where it reads as zeros nothing below can show through.</summary>
+    private readonly bool _targetReadsZeroInit;
     private volatile bool _cbwOff;
     private bool _cleaned;
 
@@ -74,7 +77,7 @@ public sealed class BackupJob : Job, IWriteObserver
         _cluster = Math.Max(ClusterSize(backup.Target), backup.MinClusterSize);
         _maxChunk = (int)Math.Max(_cluster, backup.MaxChunk > 0 ? Math.Min(backup.MaxChunk, 64 << 20) : DefaultChunk);
         _maxChunk -= (int)(_maxChunk % _cluster);
-        _workers = backup.MaxWorkers > 0 ? Math.Min(backup.MaxWorkers, DefaultWorkers) : DefaultWorkers;
+        _workers = backup.MaxWorkers > 0 ? Math.Min(backup.MaxWorkers, MaxWorkersCap) : DefaultWorkers;
         var set = backup.Source.GetDirtyBitmaps();
         if (backup.Bitmap is { } bitmap)
         {
@@ -94,6 +97,7 @@ public sealed class BackupJob : Job, IWriteObserver
             _copy.SetAll();
         }
         SetProgressTotal(backup.Sync == BackupSyncMode.None ? 0 : _copy.DirtyByteCount);
+        _targetReadsZeroInit = !backup.Target.Children.Any(c => c.Role == "backing");
         _targetUser = backup.Target.AddUser(BusyReason);
         backup.Source.AddWriteObserver(this);
     }
@@ -311,6 +315,8 @@ public sealed class BackupJob : Job, IWriteObserver
     private async ValueTask CopyExtentCoreAsync(long start, long end, long length, byte[] buffer, bool fromJob)
     {
         var pos = start;
+        // The target is known to read as zeros on [pos, targetZeroEnd) (see SkipZeroesAsync).
+        var targetZeroEnd = pos;
         while (pos < end)
         {
             var max = (int)Math.Min(end - pos, _maxChunk);
@@ -338,7 +344,7 @@ public sealed class BackupJob : Job, IWriteObserver
             }
             if (zeroRun > 0)
             {
-                await WriteTargetAsync(pos, null, zeroRun, fromJob).ConfigureAwait(false);
+                targetZeroEnd = await WriteZeroRunAsync(pos, zeroRun, targetZeroEnd, fromJob).ConfigureAwait(false);
                 pos += zeroRun;
                 continue;
             }
@@ -351,11 +357,55 @@ public sealed class BackupJob : Job, IWriteObserver
                 {
                     j += (int)Math.Min(_cluster, max - j);
                 }
-                await WriteTargetAsync(pos + i, zero ? null : buffer.AsMemory(i, j - i), j - i, fromJob).ConfigureAwait(false);
+                if (zero)
+                {
+                    targetZeroEnd = await WriteZeroRunAsync(pos + i, j - i, targetZeroEnd, fromJob).ConfigureAwait(false);
+                }
+                else
+                {
+                    await WriteTargetAsync(pos + i, buffer.AsMemory(i, j - i), j - i, fromJob).ConfigureAwait(false);
+                }
                 i = j;
             }
             pos += max;
         }
+    }
+
+    /// <summary>
+    /// Makes [offset, offset + length) read as zeros on the target. Where a target without a backing
+    /// node already reads as zeros (a fresh image: nothing allocated), writing zero clusters would change
+    /// nothing a reader sees but costs the target a metadata update each; those parts are skipped. The
+    /// target's status is asked once per extent it reports, and stays valid while this copy runs: the
+    /// range is claimed by it, and the job holds the target (nothing else writes to it).
+    /// Returns the new end of the range known to read as zeros on the target.
+    /// </summary>
+    private async ValueTask<long> WriteZeroRunAsync(long offset, long length, long targetZeroEnd, bool fromJob)
+    {
+        var end = offset + length;
+        while (offset < end)
+        {
+            if (_targetReadsZeroInit && offset >= targetZeroEnd)
+            {
+                var st = await _s.Target.GetBlockStatusAsync(offset, _s.Target.Length - offset).ConfigureAwait(false);
+                targetZeroEnd = st.IsZero ? offset + st.Length : offset;
+                if (targetZeroEnd == offset)
+                {
+                    // Not zero here: write zeroes up to where the target's next extent starts.
+                    var n = Math.Min(end - offset, Math.Max(st.Length, 1));
+                    await WriteTargetAsync(offset, null, n, fromJob).ConfigureAwait(false);
+                    offset += n;
+                    continue;
+                }
+            }
+            if (_targetReadsZeroInit && offset < targetZeroEnd)
+            {
+                offset = Math.Min(end, targetZeroEnd);
+                continue;
+            }
+            await WriteTargetAsync(offset, null, end - offset, fromJob).ConfigureAwait(false);
+            return targetZeroEnd;
+        }
+        return targetZeroEnd;
     }
 
     private bool IsZero(byte[] buffer, int offset, int limit) =>

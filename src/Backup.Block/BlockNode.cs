@@ -116,6 +116,32 @@ public abstract class BlockNode : IAsyncDisposable
     }
 
     /// <summary>
+    /// True when the node can store data compressed (QEMU's bdrv_supports_compressed_writes): qcow2.
+    /// </summary>
+    public virtual bool SupportsCompressedWrites => false;
+
+    /// <summary>
+    /// Writes whole clusters compressed where that saves space (QEMU's BDRV_REQ_WRITE_COMPRESSED), through
+    /// the same observers as any write. The driver decides per cluster; the offset must be cluster-aligned
+    /// and the length whole clusters, except for the last cluster of the image.
+    /// </summary>
+    public ValueTask WriteCompressedAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
+    {
+        CheckWritable();
+        CheckRange(offset, data.Length);
+        if (!SupportsCompressedWrites)
+        {
+            throw new BlockException($"{this} does not support compressed writes");
+        }
+        if (data.IsEmpty)
+        {
+            return ValueTask.CompletedTask;
+        }
+        return ModifyAsync(offset, data.Length, WriteKind.Write, data,
+            static (node, offset, d, ct) => node.WriteCompressedCoreAsync(offset, d, ct), cancellationToken);
+    }
+
+    /// <summary>
     /// Discards a range (a hint: the data becomes unspecified). Ignored on nodes opened with
     /// <c>discard=ignore</c>, the default, as in QEMU; then it changes nothing and dirties nothing.
     /// </summary>
@@ -248,6 +274,10 @@ public abstract class BlockNode : IAsyncDisposable
     protected abstract ValueTask ReadCoreAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken);
 
     protected abstract ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken);
+
+    /// <summary>Only called when <see cref="SupportsCompressedWrites"/> is true.</summary>
+    protected virtual ValueTask WriteCompressedCoreAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken) =>
+        throw new NotSupportedException();
 
     protected abstract ValueTask WriteZeroesCoreAsync(long offset, long length, WriteFlags flags, CancellationToken cancellationToken);
 

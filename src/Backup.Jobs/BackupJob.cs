@@ -23,6 +23,8 @@ public sealed record BackupSettings
     public string OnSourceError { get; init; } = "report";
     public string OnTargetError { get; init; } = "report";
     public int MaxChunk { get; init; }
+    /// <summary>Write data compressed (the target supports it: checked before).</summary>
+    public bool Compress { get; init; }
     /// <summary>Parallel copies of the job (x-perf max-workers); 0 for the default.</summary>
     public int MaxWorkers { get; init; }
     /// <summary>x-perf min-cluster-size: the copy unit is at least this (a power of two); 0 for none.</summary>
@@ -419,9 +421,14 @@ public sealed class BackupJob : Job, IWriteObserver
             var epoch = Volatile.Read(ref _errorEpoch);
             try
             {
-                if (data is { } d)
+                if (data is { } d && _s.Compress)
                 {
-                    await _s.Target.WriteAsync(offset, d).ConfigureAwait(false);
+                    // Whole clusters of data go to the target deflated; zeros stay zero clusters (below).
+                    await _s.Target.WriteCompressedAsync(offset, d).ConfigureAwait(false);
+                }
+                else if (data is { } d2)
+                {
+                    await _s.Target.WriteAsync(offset, d2).ConfigureAwait(false);
                 }
                 else
                 {

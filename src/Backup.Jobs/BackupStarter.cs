@@ -167,9 +167,10 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         {
             throw new BlockException("Source and target cannot be the same");
         }
-        if (r.Compress)
+        if (r.Compress && !target.SupportsCompressedWrites)
         {
-            throw new BlockException($"Compression is not supported for this drive {target.NodeName}");
+            // QEMU names the drive by its BlockBackend, which a node in QSD has none of: the name is empty.
+            throw new BlockException("Compression is not supported for this drive ");
         }
         if (jobs.Jobs.OfType<BackupJob>().Any(j => ReferenceEquals(j.Target, target) && j.Status != JobStatus.Null))
         {
@@ -222,6 +223,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             OnSourceError = r.OnSourceError ?? "report",
             OnTargetError = r.OnTargetError ?? "report",
             MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
+            Compress = r.Compress,
             MaxWorkers = (int)Math.Min(r.MaxWorkers ?? 0, int.MaxValue),
             MinClusterSize = r.MinClusterSize ?? 0,
             ReleaseTarget = release,

@@ -49,6 +49,12 @@ public abstract class BlockNode : IAsyncDisposable
     /// <summary>The virtual size in bytes: what a reader of this node sees.</summary>
     public abstract long Length { get; }
 
+    /// <summary>
+    /// A filter shows its file child's data unchanged (QEMU's is_filter); queries count that child as
+    /// the next layer of the backing chain.
+    /// </summary>
+    public virtual bool IsFilter => false;
+
     /// <summary>Children this node holds, by role (file, backing, ...).</summary>
     public virtual IReadOnlyList<BlockChild> Children => [];
 

@@ -29,6 +29,10 @@ public sealed record BackupSettings
     public int MaxWorkers { get; init; }
     /// <summary>x-perf min-cluster-size: the copy unit is at least this (a power of two); 0 for none.</summary>
     public long MinClusterSize { get; init; }
+    /// <summary>The copy-before-write filter node above the source while the job exists.</summary>
+    public BlockNode? Filter { get; init; }
+    /// <summary>Takes the filter out of the graph (when the job is cleaned up).</summary>
+    public Action? RemoveFilter { get; init; }
     /// <summary>Called once the job no longer uses the target (drive-backup closes the node it opened).</summary>
     public Func<ValueTask>? ReleaseTarget { get; init; }
 }
@@ -517,6 +521,7 @@ public sealed class BackupJob : Job, IWriteObserver
         _cbwOff = true;
         _s.Source.RemoveWriteObserver(this);
         _copyBitmap.Owner.Release(_copyBitmap);
+        _s.RemoveFilter?.Invoke();
         _targetUser.Dispose();
         if (_s.ReleaseTarget is { } release)
         {

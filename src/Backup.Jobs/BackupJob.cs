@@ -102,7 +102,8 @@ public sealed class BackupJob : Job, IWriteObserver
         {
             _copy.SetAll();
         }
-        SetProgressTotal(backup.Sync == BackupSyncMode.None ? 0 : _copy.DirtyByteCount);
+        // sync=none too: QEMU estimates the whole copy bitmap, and copy-before-write copies advance it.
+        SetProgressTotal(_copy.DirtyByteCount);
         _targetReadsZeroInit = !backup.Target.Children.Any(c => c.Role == "backing");
         _targetUser = backup.Target.AddUser(BusyReason);
         backup.Source.AddWriteObserver(this);

@@ -138,6 +138,7 @@ public sealed class BackupFeatureTests : IAsyncLifetime
         // sync=none copies nothing by itself: the job runs until it is cancelled.
         var jobs = (await ExecuteOkAsync("query-block-jobs"))["return"]!.AsArray();
         jobs.Should().ContainSingle().Which!["status"]!.GetValue<string>().Should().Be("running");
+        jobs[0]!["len"]!.GetValue<long>().Should().Be(64 * MiB, "QSD counts the whole disk for sync=none");
         await ExecuteOkAsync("block-export-del", new { id = "fl" });
         await ExecuteOkAsync("block-job-cancel", new { device = "fleece" });
         await WaitForEventAsync("BLOCK_JOB_CANCELLED", "fleece");

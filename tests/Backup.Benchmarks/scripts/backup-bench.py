@@ -58,14 +58,14 @@ class Qmp:
             raise RuntimeError("QMP connection closed")
         return json.loads(line)
 
-    def cmd(self, name, **args):
-        self.sock.sendall(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+    def cmd(self, command, **args):
+        self.sock.sendall(json.dumps({"execute": command, "arguments": args}).encode() + b"\n")
         while True:
             m = self._read()
             if "event" in m:
                 self.events.append(m)
             elif "error" in m:
-                raise RuntimeError(f"{name}: {m['error']['desc']}")
+                raise RuntimeError(f"{command}: {m['error']['desc']}")
             else:
                 return m["return"]
 

@@ -233,14 +233,21 @@ public sealed class BackupJob : Job, IWriteObserver
         while (true)
         {
             var mine = new List<InFlight>();
-            List<Task> others;
+            // Only allocated when another copy overlaps (rare for the job's own copies, which take disjoint ranges).
+            List<Task>? others = null;
             lock (_claim)
             {
                 if (!fromJob && _cbwOff)
                 {
                     return total;
                 }
-                others = [.. _inFlight.Where(f => f.Start < end && f.End > start).Select(f => f.Done.Task)];
+                foreach (var f in _inFlight)
+                {
+                    if (f.Start < end && f.End > start)
+                    {
+                        (others ??= []).Add(f.Done.Task);
+                    }
+                }
                 var pos = start;
                 while (pos < end && _copy.NextDirtyExtent(pos, end - pos) is { } e)
                 {
@@ -272,7 +279,7 @@ public sealed class BackupJob : Job, IWriteObserver
                     Release(mine[i], copied: false);
                 }
             }
-            if (others.Count == 0)
+            if (others is null)
             {
                 return total;
             }

@@ -14,6 +14,7 @@ public abstract class BlockNode : IAsyncDisposable
     private IWriteObserver[] _observers = [];
     private readonly Lock _usersLock = new();
     private readonly List<string> _users = [];
+    private int _jobTargets;
     private long _inFlight;
 
     protected BlockNode(NodeContext context)
@@ -350,7 +351,34 @@ public abstract class BlockNode : IAsyncDisposable
         {
             _users.Add(reason);
         }
-        return new UserToken(this, reason);
+        return new UserToken(this, reason, jobTarget: false);
+    }
+
+    /// <summary>
+    /// Like <see cref="AddUser"/>, for a job that writes to the node (a backup target). Such a node is not
+    /// drained for a transaction's instant: guests do not write to it, and the job's copy-before-write
+    /// writes to it while its source drains.
+    /// </summary>
+    public IDisposable AddJobTarget(string reason)
+    {
+        lock (_usersLock)
+        {
+            _users.Add(reason);
+            _jobTargets++;
+        }
+        return new UserToken(this, reason, jobTarget: true);
+    }
+
+    /// <summary>True while a job writes to this node.</summary>
+    public bool IsJobTarget
+    {
+        get
+        {
+            lock (_usersLock)
+            {
+                return _jobTargets > 0;
+            }
+        }
     }
 
     /// <summary>Why the node cannot be removed now, or null when nothing outside the graph uses it.</summary>
@@ -365,11 +393,15 @@ public abstract class BlockNode : IAsyncDisposable
         }
     }
 
-    private void RemoveUser(string reason)
+    private void RemoveUser(string reason, bool jobTarget)
     {
         lock (_usersLock)
         {
             _users.Remove(reason);
+            if (jobTarget)
+            {
+                _jobTargets--;
+            }
         }
     }
 
@@ -411,7 +443,7 @@ public abstract class BlockNode : IAsyncDisposable
 
     public override string ToString() => $"{DriverName} node '{NodeName}'";
 
-    private sealed class UserToken(BlockNode node, string reason) : IDisposable
+    private sealed class UserToken(BlockNode node, string reason, bool jobTarget) : IDisposable
     {
         private int _disposed;
 
@@ -419,7 +451,7 @@ public abstract class BlockNode : IAsyncDisposable
         {
             if (Interlocked.Exchange(ref _disposed, 1) == 0)
             {
-                node.RemoveUser(reason);
+                node.RemoveUser(reason, jobTarget);
             }
         }
     }

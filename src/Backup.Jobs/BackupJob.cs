@@ -105,7 +105,7 @@ public sealed class BackupJob : Job, IWriteObserver
         // sync=none too: QEMU estimates the whole copy bitmap, and copy-before-write copies advance it.
         SetProgressTotal(_copy.DirtyByteCount);
         _targetReadsZeroInit = !backup.Target.Children.Any(c => c.Role == "backing");
-        _targetUser = backup.Target.AddUser(BusyReason);
+        _targetUser = backup.Target.AddJobTarget(BusyReason);
         backup.Source.AddWriteObserver(this);
     }
 

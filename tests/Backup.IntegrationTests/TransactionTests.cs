@@ -163,6 +163,223 @@ public sealed class TransactionTests : IAsyncLifetime
         }
     }
 
+    /// <summary>
+    /// The issue's test: NBD clients write to all three drives while three incremental transactions
+    /// run. Each client is one writer whose writes form a sequence (each acknowledged before the next is
+    /// sent), so the backups of one instant must hold exactly a prefix of every writer's sequence, the
+    /// same prefix on every drive: each chain equals a copy of its drive rebuilt from those prefixes.
+    /// The writes wrap around a small region, so the jobs also copy old data before it is overwritten.
+    /// Each transaction creates its targets, which is slow: without a drain the drives' instants drift
+    /// apart by several writes, and a run of three transactions with four writers shows it.
+    /// </summary>
+    [Fact]
+    public async Task Incremental_transactions_while_writers_write_to_every_drive_hold_one_prefix_of_their_writes()
+    {
+        const int Block = 4096, Region = 256 * 1024, Writers = 4, Rounds = 3;
+        var full = new JsonArray();
+        foreach (var d in Drives)
+        {
+            full.Add(Action("block-dirty-bitmap-add", new JsonObject { ["node"] = d, ["name"] = "b" }));
+            full.Add(Action("drive-backup", new JsonObject
+            {
+                ["job-id"] = "full-" + d, ["device"] = d, ["sync"] = "full", ["target"] = Target("inc-0-" + d), ["format"] = "qcow2",
+            }));
+        }
+        (await TransactionAsync(full)).Should().ContainKey("return");
+        await WaitJobsAsync(Drives.Select(d => "full-" + d).ToArray());
+
+        static (int Drive, int Offset) Slot(int w, int n) => (n % 3, w * Region + n / 3 * Block % Region);
+        static void Fill(Span<byte> block, int w, int n)
+        {
+            block.Fill((byte)((w * 31 + n) % 251 + 1));
+            BitConverter.TryWriteBytes(block, w);
+            BitConverter.TryWriteBytes(block[4..], n);
+        }
+        var log = Enumerable.Range(0, Writers).Select(_ => new WriteLog()).ToArray();
+        using var stop = new CancellationTokenSource();
+        var writers = Enumerable.Range(0, Writers).Select(w => Task.Run(async () =>
+        {
+            var connections = new List<NbdConnection>();
+            foreach (var d in Drives)
+            {
+                connections.Add(await NbdConnection.OpenAsync(Path.Combine(_dir, "nbd.sock"), d));
+            }
+            var block = new byte[Block];
+            for (var n = 0; !stop.IsCancellationRequested; n++)
+            {
+                Fill(block, w, n);
+                var (drive, offset) = Slot(w, n);
+                log[w].Sending();
+                await connections[drive].WriteAsync(offset, block);
+                log[w].Acknowledged();
+            }
+            foreach (var c in connections)
+            {
+                await c.DisposeAsync();
+            }
+        })).ToArray();
+        async Task WaitForMoreWritesAsync(int count)
+        {
+            var target = log.Sum(l => l.AckedCount) + count;
+            while (log.Sum(l => l.AckedCount) < target)
+            {
+                writers.Should().NotContain(t => t.IsFaulted);
+                await Task.Delay(5);
+            }
+        }
+
+        var windows = new List<(long Before, long After)>();
+        for (var round = 1; round <= Rounds; round++)
+        {
+            await WaitForMoreWritesAsync(1000);
+            var incrementals = new JsonArray();
+            foreach (var d in Drives)
+            {
+                incrementals.Add(Action("drive-backup", new JsonObject
+                {
+                    ["job-id"] = $"inc-{round}-{d}", ["device"] = d, ["sync"] = "incremental", ["bitmap"] = "b",
+                    ["target"] = Target($"inc-{round}-{d}"), ["format"] = "qcow2",
+                }));
+            }
+            var before = Stopwatch.GetTimestamp();
+            (await TransactionAsync(incrementals)).Should().ContainKey("return");
+            windows.Add((before, Stopwatch.GetTimestamp()));
+            await WaitForMoreWritesAsync(500);
+            (await WaitJobsAsync(Drives.Select(d => $"inc-{round}-{d}").ToArray())).Values
+                .Should().AllSatisfy(s => s.Should().EndWith("BLOCK_JOB_COMPLETED concluded null"));
+        }
+        await WaitForMoreWritesAsync(1000);
+        await stop.CancelAsync();
+        await Task.WhenAll(writers);
+
+        var instants = new int[Writers];
+        for (var round = 1; round <= Rounds; round++)
+        {
+            // A writer's instant: its newest write the chains hold. With one write of it in flight at a
+            // time, every older write was complete and every newer one not yet sent.
+            var previous = instants.ToArray();
+            Array.Clear(instants);
+            foreach (var d in Drives)
+            {
+                await RunAsync("qemu-img", "rebase", "-u", "-b", Target($"inc-{round - 1}-{d}"), "-F", "qcow2", "-f", "qcow2", Target($"inc-{round}-{d}"));
+                var raw = Path.Combine(_dir, $"chain-{round}-{d}.raw");
+                await RunAsync("qemu-img", "convert", "-f", "qcow2", "-O", "raw", Target($"inc-{round}-{d}"), raw);
+                var image = await File.ReadAllBytesAsync(raw);
+                for (var o = 0; o < Writers * Region; o += Block)
+                {
+                    if (image.AsSpan(o, Block).ContainsAnyExcept((byte)0))
+                    {
+                        var w = BitConverter.ToInt32(image, o);
+                        instants[w] = Math.Max(instants[w], BitConverter.ToInt32(image, o + 4) + 1);
+                    }
+                }
+            }
+            var (before, after) = windows[round - 1];
+            for (var w = 0; w < Writers; w++)
+            {
+                log[w].AckedBefore(before).Should().BeLessThanOrEqualTo(instants[w], "every write acknowledged before transaction {0} was sent is in its backups", round);
+                log[w].SentBefore(after).Should().BeGreaterThanOrEqualTo(instants[w], "no write sent after transaction {0} returned is in its backups", round);
+                instants[w].Should().BeGreaterThan(previous[w]);
+            }
+
+            var copies = Drives.Select(_ => new byte[32 * MiB]).ToArray();
+            for (var w = 0; w < Writers; w++)
+            {
+                for (var n = 0; n < instants[w]; n++)
+                {
+                    var (drive, offset) = Slot(w, n);
+                    Fill(copies[drive].AsSpan(offset, Block), w, n);
+                }
+            }
+            for (var i = 0; i < Drives.Length; i++)
+            {
+                var copy = Path.Combine(_dir, $"instant-{round}-{Drives[i]}.raw");
+                await File.WriteAllBytesAsync(copy, copies[i]);
+                await RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "raw", Target($"inc-{round}-{Drives[i]}"), copy);
+            }
+        }
+
+        // Every write after the last instant is in the bitmaps, and nothing else.
+        for (var i = 0; i < Drives.Length; i++)
+        {
+            var dirty = Enumerable.Range(0, Writers)
+                .SelectMany(w => Enumerable.Range(instants[w], log[w].AckedCount - instants[w]).Select(n => Slot(w, n)))
+                .Where(s => s.Drive == i).Select(s => s.Offset / (64 * 1024)).Distinct().Count();
+            (await BitmapAsync(Drives[i], "b"))!["count"]!.GetValue<long>().Should().Be(dirty * 64L * 1024);
+        }
+    }
+
+    /// <summary>When each write of one writer was sent and acknowledged (Stopwatch timestamps).</summary>
+    private sealed class WriteLog
+    {
+        private readonly List<long> _sent = [];
+        private readonly List<long> _acked = [];
+
+        public int AckedCount { get { lock (_sent) { return _acked.Count; } } }
+
+        public void Sending() { lock (_sent) { _sent.Add(Stopwatch.GetTimestamp()); } }
+
+        public void Acknowledged() { lock (_sent) { _acked.Add(Stopwatch.GetTimestamp()); } }
+
+        public int AckedBefore(long timestamp) { lock (_sent) { return _acked.Count(t => t < timestamp); } }
+
+        public int SentBefore(long timestamp) { lock (_sent) { return _sent.Count(t => t < timestamp); } }
+    }
+
+    /// <summary>
+    /// A transaction is atomic for other clients too: while one client adds and removes a bitmap on all
+    /// three drives in transactions and another races it with standalone adds and removes on one drive,
+    /// a third client never sees the transaction's bitmap on some of the drives only, and every
+    /// transaction either took effect everywhere or failed with the error of the action that clashed.
+    /// </summary>
+    [Fact]
+    public async Task Other_clients_never_see_half_a_transaction()
+    {
+        await using var racer = await _daemon!.ConnectAsync();
+        await using var observer = await _daemon.ConnectAsync();
+        JsonArray All(string type) => new(Drives.Select(d => (JsonNode)Action(type, new JsonObject { ["node"] = d, ["name"] = "x" })).ToArray());
+        using var stop = new CancellationTokenSource();
+        var failures = new List<string>();
+        var transactions = Task.Run(async () =>
+        {
+            for (var i = 0; i < 150; i++)
+            {
+                foreach (var type in new[] { "block-dirty-bitmap-add", "block-dirty-bitmap-remove" })
+                {
+                    var reply = await Qmp.ExecuteAsync("transaction", new JsonObject { ["actions"] = All(type) });
+                    if (reply["error"]?["desc"]?.GetValue<string>() is { } desc)
+                    {
+                        failures.Add(desc);
+                    }
+                }
+            }
+        });
+        var standalone = Task.Run(async () =>
+        {
+            while (!stop.IsCancellationRequested)
+            {
+                await racer.ExecuteAsync("block-dirty-bitmap-add", new { node = "d1", name = "x" });
+                await racer.ExecuteAsync("block-dirty-bitmap-remove", new { node = "d1", name = "x" });
+            }
+        });
+        var observations = new HashSet<string>();
+        while (!transactions.IsCompleted)
+        {
+            var nodes = (await observer.ExecuteAsync("query-named-block-nodes"))["return"]!.AsArray();
+            bool Has(string d) => nodes.First(n => n!["node-name"]!.GetValue<string>() == d)!["dirty-bitmaps"]?
+                .AsArray().Any(b => b!["name"]!.GetValue<string>() == "x") == true;
+            // d1 may carry the racer's own bitmap; d0 and d2 only ever change together.
+            Has("d0").Should().Be(Has("d2"), "a transaction is seen whole or not at all");
+            observations.Add($"{Has("d0")}");
+        }
+        await transactions;
+        await stop.CancelAsync();
+        await standalone;
+        observations.Should().Contain(["True", "False"], "the observer ran while transactions came and went");
+        failures.Should().NotBeEmpty("the racer clashed with some transactions").And
+            .OnlyContain(f => f == "Bitmap already exists: x" || f == "Dirty bitmap 'x' not found");
+    }
+
     [Fact]
     public async Task A_transaction_whose_third_action_is_invalid_leaves_no_trace()
     {

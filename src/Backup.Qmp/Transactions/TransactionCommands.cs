@@ -61,9 +61,9 @@ public sealed class TransactionCommands(IEnumerable<ITransactionActionModule> mo
     }
 
     /// <summary>
-    /// The nodes the actions name as their device or node. Nodes a job writes to (its targets) are left
-    /// out: they are not written by guests, and holding them could hold a copy-before-write that a
-    /// source's drain waits for.
+    /// The nodes the actions name as their device or node, exported or not. Nodes a running job writes
+    /// to (its targets) are left out: guests do not write to them, and holding one could hold a
+    /// copy-before-write that a source's drain waits for.
     /// </summary>
     private IEnumerable<BlockNode> NodesOf(JsonObject args)
     {
@@ -74,7 +74,7 @@ public sealed class TransactionCommands(IEnumerable<ITransactionActionModule> mo
             foreach (var key in new[] { "device", "node" })
             {
                 if (data?[key]?.GetValue<string>() is { } name && names.Add(name) &&
-                    graph.Find(name) is { BusyReason: null } node)
+                    graph.Find(name) is { IsJobTarget: false } node)
                 {
                     yield return node;
                 }

@@ -131,7 +131,24 @@ public sealed class DaemonProcess : IAsyncDisposable
         return Process.Start(psi)!;
     }
 
-    public Task<QmpClient> ConnectAsync(bool negotiate = true) => QmpClient.ConnectAsync(QmpSocket, negotiate);
+    /// <summary>
+    /// Connects to the QMP socket. The socket file appears at bind(), a moment before listen(): a refused
+    /// connection right after start-up is retried.
+    /// </summary>
+    public async Task<QmpClient> ConnectAsync(bool negotiate = true)
+    {
+        for (var attempt = 0; ; attempt++)
+        {
+            try
+            {
+                return await QmpClient.ConnectAsync(QmpSocket, negotiate);
+            }
+            catch (System.Net.Sockets.SocketException e) when (e.SocketErrorCode == System.Net.Sockets.SocketError.ConnectionRefused && attempt < 100 && !HasExited)
+            {
+                await Task.Delay(20);
+            }
+        }
+    }
 
     public async Task<int> WaitForExitAsync(TimeSpan timeout)
     {
@@ -162,6 +179,10 @@ public sealed class DaemonProcess : IAsyncDisposable
             }
         }
         _process.Dispose();
+        if (Environment.GetEnvironmentVariable("BACKUPD_KEEP_TEST_DIRS") == "1")
+        {
+            return;
+        }
         try
         {
             System.IO.Directory.Delete(Directory, recursive: true);

@@ -135,6 +135,78 @@ public sealed class BlockGraph
     }
 
     /// <summary>
+    /// Adds a filter node that a job creates above <paramref name="child"/> (QEMU's bdrv_cbw_append):
+    /// named <paramref name="nodeName"/> or generated, with the child's read-only and cache settings,
+    /// linked to the child so the child cannot be deleted under it. Nothing to open, so this is
+    /// synchronous; <see cref="RemoveFilter"/> takes it out again.
+    /// </summary>
+    public BlockNode InsertFilter(string? nodeName, BlockNode child, Func<NodeContext, BlockNode> create)
+    {
+        ArgumentNullException.ThrowIfNull(child);
+        ArgumentNullException.ThrowIfNull(create);
+        lock (_lock)
+        {
+            string name;
+            if (nodeName is not null)
+            {
+                ValidateNodeName(nodeName);
+                if (_byName.ContainsKey(nodeName))
+                {
+                    throw new BlockException($"Duplicate nodes with node-name='{nodeName}'");
+                }
+                name = nodeName;
+            }
+            else
+            {
+                do
+                {
+                    name = $"#block{_implicitNameCounter++:D3}";
+                }
+                while (_byName.ContainsKey(name));
+            }
+            var node = create(new NodeContext
+            {
+                NodeName = name,
+                IsImplicitName = nodeName is null,
+                ReadOnly = child.ReadOnly,
+                CacheDirect = child.CacheDirect,
+                CacheNoFlush = child.CacheNoFlush,
+                Discard = child.Discard,
+                Graph = this,
+                Options = new BlockOptions(),
+            });
+            _nodes.Add(node);
+            _byName.Add(name, node);
+            _parents.Add(node, []);
+            Link(node);
+            return node;
+        }
+    }
+
+    /// <summary>Takes out a filter added with <see cref="InsertFilter"/>; its child stays. A filter holds no state to close.</summary>
+    public void RemoveFilter(BlockNode filter)
+    {
+        ArgumentNullException.ThrowIfNull(filter);
+        lock (_lock)
+        {
+            if (!_byName.TryGetValue(filter.NodeName, out var found) || !ReferenceEquals(found, filter))
+            {
+                return;
+            }
+            _nodes.Remove(filter);
+            _byName.Remove(filter.NodeName);
+            _parents.Remove(filter);
+            foreach (var c in filter.Children)
+            {
+                if (_parents.TryGetValue(c.Node, out var parents))
+                {
+                    parents.Remove(filter);
+                }
+            }
+        }
+    }
+
+    /// <summary>
     /// Opens the child <paramref name="key"/> of a node being opened: a reference to an existing node by
     /// name, or nested options for a new node that inherits the parent's read-only and cache settings.
     /// Returns null when the key is absent and not <paramref name="required"/>.

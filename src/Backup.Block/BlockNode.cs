@@ -50,6 +50,12 @@ public abstract class BlockNode : IAsyncDisposable
     /// <summary>The virtual size in bytes: what a reader of this node sees.</summary>
     public abstract long Length { get; }
 
+    /// <summary>
+    /// A filter shows its file child's data unchanged (QEMU's is_filter); queries count that child as
+    /// the next layer of the backing chain.
+    /// </summary>
+    public virtual bool IsFilter => false;
+
     /// <summary>Children this node holds, by role (file, backing, ...).</summary>
     public virtual IReadOnlyList<BlockChild> Children => [];
 
@@ -114,6 +120,32 @@ public abstract class BlockNode : IAsyncDisposable
         }
         return ModifyAsync(offset, length, WriteKind.WriteZeroes, (length, flags),
             static (node, offset, s, ct) => node.WriteZeroesCoreAsync(offset, s.length, s.flags, ct), cancellationToken);
+    }
+
+    /// <summary>
+    /// True when the node can store data compressed (QEMU's bdrv_supports_compressed_writes): qcow2.
+    /// </summary>
+    public virtual bool SupportsCompressedWrites => false;
+
+    /// <summary>
+    /// Writes whole clusters compressed where that saves space (QEMU's BDRV_REQ_WRITE_COMPRESSED), through
+    /// the same observers as any write. The driver decides per cluster; the offset must be cluster-aligned
+    /// and the length whole clusters, except for the last cluster of the image.
+    /// </summary>
+    public ValueTask WriteCompressedAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
+    {
+        CheckWritable();
+        CheckRange(offset, data.Length);
+        if (!SupportsCompressedWrites)
+        {
+            throw new BlockException($"{this} does not support compressed writes");
+        }
+        if (data.IsEmpty)
+        {
+            return ValueTask.CompletedTask;
+        }
+        return ModifyAsync(offset, data.Length, WriteKind.Write, data,
+            static (node, offset, d, ct) => node.WriteCompressedCoreAsync(offset, d, ct), cancellationToken);
     }
 
     /// <summary>
@@ -252,6 +284,10 @@ public abstract class BlockNode : IAsyncDisposable
     protected abstract ValueTask ReadCoreAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken);
 
     protected abstract ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken);
+
+    /// <summary>Only called when <see cref="SupportsCompressedWrites"/> is true.</summary>
+    protected virtual ValueTask WriteCompressedCoreAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken) =>
+        throw new NotSupportedException();
 
     protected abstract ValueTask WriteZeroesCoreAsync(long offset, long length, WriteFlags flags, CancellationToken cancellationToken);
 

@@ -23,10 +23,16 @@ public sealed record BackupSettings
     public string OnSourceError { get; init; } = "report";
     public string OnTargetError { get; init; } = "report";
     public int MaxChunk { get; init; }
+    /// <summary>Write data compressed (the target supports it: checked before).</summary>
+    public bool Compress { get; init; }
     /// <summary>Parallel copies of the job (x-perf max-workers); 0 for the default.</summary>
     public int MaxWorkers { get; init; }
     /// <summary>x-perf min-cluster-size: the copy unit is at least this (a power of two); 0 for none.</summary>
     public long MinClusterSize { get; init; }
+    /// <summary>The copy-before-write filter node above the source while the job exists.</summary>
+    public BlockNode? Filter { get; init; }
+    /// <summary>Takes the filter out of the graph (when the job is cleaned up).</summary>
+    public Action? RemoveFilter { get; init; }
     /// <summary>Called once the job no longer uses the target (drive-backup closes the node it opened).</summary>
     public Func<ValueTask>? ReleaseTarget { get; init; }
 }
@@ -50,6 +56,7 @@ public sealed class BackupJob : Job, IWriteObserver
     public const string BusyReason = "block device is in use by block job: backup";
     private const int DefaultChunk = 1 << 20;
     private const int DefaultWorkers = 8;
+    private const int MaxWorkersCap = 64;
 
     private readonly BackupSettings _s;
     private readonly DirtyBitmap _copyBitmap;
@@ -64,6 +71,8 @@ public sealed class BackupJob : Job, IWriteObserver
     private int _errorEpoch;
     private bool _failed;
     private readonly IDisposable _targetUser;
+    /// <summary>The target has no backing node, so where it reads as zeros nothing below can show through.</summary>
+    private readonly bool _targetReadsZeroInit;
     private volatile bool _cbwOff;
     private bool _cleaned;
 
@@ -74,7 +83,7 @@ public sealed class BackupJob : Job, IWriteObserver
         _cluster = Math.Max(ClusterSize(backup.Target), backup.MinClusterSize);
         _maxChunk = (int)Math.Max(_cluster, backup.MaxChunk > 0 ? Math.Min(backup.MaxChunk, 64 << 20) : DefaultChunk);
         _maxChunk -= (int)(_maxChunk % _cluster);
-        _workers = backup.MaxWorkers > 0 ? Math.Min(backup.MaxWorkers, DefaultWorkers) : DefaultWorkers;
+        _workers = backup.MaxWorkers > 0 ? Math.Min(backup.MaxWorkers, MaxWorkersCap) : DefaultWorkers;
         var set = backup.Source.GetDirtyBitmaps();
         if (backup.Bitmap is { } bitmap)
         {
@@ -93,7 +102,9 @@ public sealed class BackupJob : Job, IWriteObserver
         {
             _copy.SetAll();
         }
-        SetProgressTotal(backup.Sync == BackupSyncMode.None ? 0 : _copy.DirtyByteCount);
+        // sync=none too: QEMU estimates the whole copy bitmap, and copy-before-write copies advance it.
+        SetProgressTotal(_copy.DirtyByteCount);
+        _targetReadsZeroInit = !backup.Target.Children.Any(c => c.Role == "backing");
         _targetUser = backup.Target.AddJobTarget(BusyReason);
         backup.Source.AddWriteObserver(this);
     }
@@ -222,14 +233,21 @@ public sealed class BackupJob : Job, IWriteObserver
         while (true)
         {
             var mine = new List<InFlight>();
-            List<Task> others;
+            // Only allocated when another copy overlaps (rare for the job's own copies, which take disjoint ranges).
+            List<Task>? others = null;
             lock (_claim)
             {
                 if (!fromJob && _cbwOff)
                 {
                     return total;
                 }
-                others = [.. _inFlight.Where(f => f.Start < end && f.End > start).Select(f => f.Done.Task)];
+                foreach (var f in _inFlight)
+                {
+                    if (f.Start < end && f.End > start)
+                    {
+                        (others ??= []).Add(f.Done.Task);
+                    }
+                }
                 var pos = start;
                 while (pos < end && _copy.NextDirtyExtent(pos, end - pos) is { } e)
                 {
@@ -261,7 +279,7 @@ public sealed class BackupJob : Job, IWriteObserver
                     Release(mine[i], copied: false);
                 }
             }
-            if (others.Count == 0)
+            if (others is null)
             {
                 return total;
             }
@@ -311,6 +329,8 @@ public sealed class BackupJob : Job, IWriteObserver
     private async ValueTask CopyExtentCoreAsync(long start, long end, long length, byte[] buffer, bool fromJob)
     {
         var pos = start;
+        // The target is known to read as zeros on [pos, targetZeroEnd) (see SkipZeroesAsync).
+        var targetZeroEnd = pos;
         while (pos < end)
         {
             var max = (int)Math.Min(end - pos, _maxChunk);
@@ -338,7 +358,7 @@ public sealed class BackupJob : Job, IWriteObserver
             }
             if (zeroRun > 0)
             {
-                await WriteTargetAsync(pos, null, zeroRun, fromJob).ConfigureAwait(false);
+                targetZeroEnd = await WriteZeroRunAsync(pos, zeroRun, targetZeroEnd, fromJob).ConfigureAwait(false);
                 pos += zeroRun;
                 continue;
             }
@@ -351,11 +371,55 @@ public sealed class BackupJob : Job, IWriteObserver
                 {
                     j += (int)Math.Min(_cluster, max - j);
                 }
-                await WriteTargetAsync(pos + i, zero ? null : buffer.AsMemory(i, j - i), j - i, fromJob).ConfigureAwait(false);
+                if (zero)
+                {
+                    targetZeroEnd = await WriteZeroRunAsync(pos + i, j - i, targetZeroEnd, fromJob).ConfigureAwait(false);
+                }
+                else
+                {
+                    await WriteTargetAsync(pos + i, buffer.AsMemory(i, j - i), j - i, fromJob).ConfigureAwait(false);
+                }
                 i = j;
             }
             pos += max;
         }
+    }
+
+    /// <summary>
+    /// Makes [offset, offset + length) read as zeros on the target. Where a target without a backing
+    /// node already reads as zeros (a fresh image: nothing allocated), writing zero clusters would change
+    /// nothing a reader sees but costs the target a metadata update each; those parts are skipped. The
+    /// target's status is asked once per extent it reports, and stays valid while this copy runs: the
+    /// range is claimed by it, and the job holds the target (nothing else writes to it).
+    /// Returns the new end of the range known to read as zeros on the target.
+    /// </summary>
+    private async ValueTask<long> WriteZeroRunAsync(long offset, long length, long targetZeroEnd, bool fromJob)
+    {
+        var end = offset + length;
+        while (offset < end)
+        {
+            if (_targetReadsZeroInit && offset >= targetZeroEnd)
+            {
+                var st = await _s.Target.GetBlockStatusAsync(offset, _s.Target.Length - offset).ConfigureAwait(false);
+                targetZeroEnd = st.IsZero ? offset + st.Length : offset;
+                if (targetZeroEnd == offset)
+                {
+                    // Not zero here: write zeroes up to where the target's next extent starts.
+                    var n = Math.Min(end - offset, Math.Max(st.Length, 1));
+                    await WriteTargetAsync(offset, null, n, fromJob).ConfigureAwait(false);
+                    offset += n;
+                    continue;
+                }
+            }
+            if (_targetReadsZeroInit && offset < targetZeroEnd)
+            {
+                offset = Math.Min(end, targetZeroEnd);
+                continue;
+            }
+            await WriteTargetAsync(offset, null, end - offset, fromJob).ConfigureAwait(false);
+            return targetZeroEnd;
+        }
+        return targetZeroEnd;
     }
 
     private bool IsZero(byte[] buffer, int offset, int limit) =>
@@ -369,9 +433,14 @@ public sealed class BackupJob : Job, IWriteObserver
             var epoch = Volatile.Read(ref _errorEpoch);
             try
             {
-                if (data is { } d)
+                if (data is { } d && _s.Compress)
                 {
-                    await _s.Target.WriteAsync(offset, d).ConfigureAwait(false);
+                    // Whole clusters of data go to the target deflated; zeros stay zero clusters (below).
+                    await _s.Target.WriteCompressedAsync(offset, d).ConfigureAwait(false);
+                }
+                else if (data is { } d2)
+                {
+                    await _s.Target.WriteAsync(offset, d2).ConfigureAwait(false);
                 }
                 else
                 {
@@ -460,6 +529,7 @@ public sealed class BackupJob : Job, IWriteObserver
         _cbwOff = true;
         _s.Source.RemoveWriteObserver(this);
         _copyBitmap.Owner.Release(_copyBitmap);
+        _s.RemoveFilter?.Invoke();
         _targetUser.Dispose();
         if (_s.ReleaseTarget is { } release)
         {

@@ -1,5 +1,6 @@
 using Backup.Block;
 using Backup.Block.Bitmaps;
+using Backup.Block.Drivers.CopyBeforeWrite;
 using Backup.Block.Drivers.Qcow2;
 
 namespace Backup.Jobs;
@@ -23,6 +24,10 @@ public sealed record BackupRequest
     public long? MaxWorkers { get; init; }
     public long? MaxChunk { get; init; }
     public long? MinClusterSize { get; init; }
+    /// <summary>Name of the copy-before-write filter node the job puts above the source; generated when null.</summary>
+    public string? FilterNodeName { get; init; }
+    /// <summary>x-perf use-copy-range (accepted; see BackupJob for why copies are read + write).</summary>
+    public bool UseCopyRange { get; init; }
     /// <summary>blockdev-backup: the target node.</summary>
     public string? Target { get; init; }
     /// <summary>drive-backup: the target file, its format and mode (existing, absolute-paths).</summary>
@@ -167,9 +172,10 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         {
             throw new BlockException("Source and target cannot be the same");
         }
-        if (r.Compress)
+        if (r.Compress && !target.SupportsCompressedWrites)
         {
-            throw new BlockException($"Compression is not supported for this drive {target.NodeName}");
+            // QEMU names the drive by its BlockBackend, which a node in QSD has none of: the name is empty.
+            throw new BlockException("Compression is not supported for this drive ");
         }
         if (jobs.Jobs.OfType<BackupJob>().Any(j => ReferenceEquals(j.Target, target) && j.Status != JobStatus.Null))
         {
@@ -200,12 +206,29 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         {
             throw new BlockException($"Block node is read-only");
         }
-        jobs.CheckNewId(r.JobId);
-        var speed = r.Speed ?? 0;
-        if (speed < 0)
+        // QEMU appends the filter (bdrv_cbw_append) before it creates the job, so a bad filter name is
+        // reported before a bad job id.
+        var filter = graph.InsertFilter(r.FilterNodeName, source, context => new CopyBeforeWriteNode(context, source));
+        try
         {
-            throw new BlockException("Parameter 'speed' expects a non-negative value");
+            jobs.CheckNewId(r.JobId);
+            if (r.Speed is < 0)
+            {
+                throw new BlockException("Parameter 'speed' expects a non-negative value");
+            }
+            return CreateJob(r, source, target, release, sync, bitmap, mode, filter);
         }
+        catch
+        {
+            graph.RemoveFilter(filter);
+            throw;
+        }
+    }
+
+    private BackupJob CreateJob(BackupRequest r, BlockNode source, BlockNode target, Func<ValueTask>? release, string sync,
+        DirtyBitmap? bitmap, BitmapSyncMode mode, BlockNode filter)
+    {
+        var speed = r.Speed ?? 0;
         var job = new BackupJob(jobs, new JobSettings(r.JobId!, r.AutoFinalize, r.AutoDismiss, speed), new BackupSettings
         {
             Source = source,
@@ -222,9 +245,12 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             OnSourceError = r.OnSourceError ?? "report",
             OnTargetError = r.OnTargetError ?? "report",
             MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
+            Compress = r.Compress,
             MaxWorkers = (int)Math.Min(r.MaxWorkers ?? 0, int.MaxValue),
             MinClusterSize = r.MinClusterSize ?? 0,
             ReleaseTarget = release,
+            Filter = filter,
+            RemoveFilter = () => graph.RemoveFilter(filter),
         });
         return job;
     }

@@ -52,6 +52,8 @@ public sealed class BackupCommands(BackupStarter starter) : ICommandModule
             AutoDismiss = a["auto-dismiss"]?.GetValue<bool>() ?? true,
             MaxWorkers = perf?["max-workers"]?.GetValue<long>(),
             MaxChunk = perf?["max-chunk"]?.GetValue<long>(),
+            FilterNodeName = Str(a, "filter-node-name"),
+            UseCopyRange = perf?["use-copy-range"]?.GetValue<bool>() ?? false,
             MinClusterSize = perf?["min-cluster-size"] is { } m ? (m.AsValue().TryGetValue<long>(out var l) ? l : long.MaxValue) : null,
         };
     }

@@ -22,8 +22,15 @@ public sealed class BlockCoreCommands(BlockGraph graph) : ICommandModule
         table.Add("query-named-block-nodes", (args, _, _) =>
         {
             var flat = args["flat"]?.GetValue<bool>() ?? false;
-            return ValueTask.FromResult<JsonNode?>(new JsonArray(
-                graph.Nodes.Select(n => (JsonNode)NodeInfo.Describe(n, flat)).ToArray()));
+            var list = new JsonArray();
+            foreach (var n in graph.Nodes)
+            {
+                if (DescribeIfOpen(n, flat) is { } info)
+                {
+                    list.Add(info);
+                }
+            }
+            return ValueTask.FromResult<JsonNode?>(list);
         });
         table.Add("query-block", (_, _, _) => ValueTask.FromResult<JsonNode?>(new JsonArray(
             graph.RootNodes.Select(n => (JsonNode)new JsonObject
@@ -34,5 +41,21 @@ public sealed class BlockCoreCommands(BlockGraph graph) : ICommandModule
                 ["inserted"] = NodeInfo.Describe(n, flat: false),
                 ["type"] = "unknown",
             }).ToArray())));
+    }
+
+    /// <summary>
+    /// A node's info, or null when it left the graph and closed after the node list was taken (a job's
+    /// drive-backup target is released in the background once the job ends): such a node is gone.
+    /// </summary>
+    private JsonObject? DescribeIfOpen(BlockNode node, bool flat)
+    {
+        try
+        {
+            return NodeInfo.Describe(node, flat);
+        }
+        catch (ObjectDisposedException) when (!ReferenceEquals(graph.Find(node.NodeName), node))
+        {
+            return null;
+        }
     }
 }

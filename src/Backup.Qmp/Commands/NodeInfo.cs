@@ -58,8 +58,9 @@ public static class NodeInfo
         return depth;
     }
 
+    /// <summary>The next layer down: the backing child, or a filter's file child (bdrv_filter_or_cow_bs).</summary>
     private static BlockNode? Backing(BlockNode node) =>
-        node.Children.FirstOrDefault(c => c.Role == "backing")?.Node;
+        node.Children.FirstOrDefault(c => c.Role == (node.IsFilter ? "file" : "backing"))?.Node;
 
     private static JsonObject Image(ImageInfo i, bool flat)
     {

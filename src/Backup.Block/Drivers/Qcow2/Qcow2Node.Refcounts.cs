@@ -148,6 +148,7 @@ public sealed partial class Qcow2Node
         foreach (var c in clusters)
         {
             _l2Cache.Remove(c << _clusterBits);
+            ForgetCompressedCluster(c);
         }
         await UpdateRefcountsAsync(clusters, -1, cancellationToken).ConfigureAwait(false);
     }

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using Backup.IntegrationTests.Support;
 
 namespace Backup.IntegrationTests;
@@ -9,22 +8,10 @@ namespace Backup.IntegrationTests;
 /// </summary>
 public class GuideExampleTests
 {
-    private static string RepoRoot()
-    {
-        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
-        {
-            if (File.Exists(Path.Combine(d.FullName, "Backup.sln")))
-            {
-                return d.FullName;
-            }
-        }
-        throw new InvalidOperationException("Backup.sln not found");
-    }
-
     /// <summary>The guide's sections that have an example: (heading, code).</summary>
     private static List<(string Heading, string Code)> Examples()
     {
-        var lines = File.ReadAllLines(Path.Combine(RepoRoot(), "docs", "backup-guide.md"));
+        var lines = File.ReadAllLines(Path.Combine(DocExample.RepoRoot(), "docs", "backup-guide.md"));
         var examples = new List<(string, string)>();
         var heading = "";
         for (var i = 0; i < lines.Length; i++)
@@ -67,26 +54,6 @@ public class GuideExampleTests
     {
         var examples = Examples();
         var code = examples[0].Code + "\n\n" + examples.First(e => e.Heading == heading).Code + "\nprint(\"example done\")\n";
-        var dir = DaemonProcess.NewDirectory();
-        var script = Path.Combine(dir, "example.py");
-        await File.WriteAllTextAsync(script, code);
-        await using var d = await DaemonProcess.StartAsync([], dir, addMonitor: false,
-            env: new Dictionary<string, string> { ["BACKUPD_STATE_DIR"] = Path.Combine(dir, "state") });
-        var socket = Path.Combine(dir, "state", "qmp.sock");
-        for (var i = 0; i < 1500 && !File.Exists(socket); i++)
-        {
-            await Task.Delay(20);
-        }
-        await Task.Delay(100);
-
-        var psi = new ProcessStartInfo("python3") { WorkingDirectory = dir, RedirectStandardOutput = true, RedirectStandardError = true };
-        psi.ArgumentList.Add(script);
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEndAsync();
-        var stderr = p.StandardError.ReadToEndAsync();
-        using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(120));
-        await p.WaitForExitAsync(cts.Token);
-        p.ExitCode.Should().Be(0, $"{await stderr}\n{d.Stderr}");
-        (await stdout).Should().Contain("example done");
+        (await DocExample.RunAsync(code)).Should().Contain("example done");
     }
 }

@@ -270,8 +270,13 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
         await CommitDirectoryAsync(entries, freed, cancellationToken).ConfigureAwait(false);
     }
 
-    /// <summary>Writes a bitmap's data clusters (skipping all-zero ones) and its table; returns its directory entry.</summary>
-    private async ValueTask<Qcow2BitmapDirectoryEntry> WriteBitmapDataAsync(DirtyBitmap bitmap, bool inUse, CancellationToken cancellationToken)
+    /// <summary>
+    /// Writes a bitmap's data clusters and its table; returns its directory entry. All-zero data clusters
+    /// are not written (table entry 0), unless <paramref name="dataClusters"/> asks for every one to be
+    /// allocated and its host offset recorded there (a crash-consistent bitmap's journal writes into them).
+    /// </summary>
+    private async ValueTask<Qcow2BitmapDirectoryEntry> WriteBitmapDataAsync(DirtyBitmap bitmap, bool inUse, CancellationToken cancellationToken,
+        long[]? dataClusters = null)
     {
         var bits = bitmap.Bits;
         var granularity = bitmap.Granularity;
@@ -283,20 +288,23 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
         for (var i = 0; i < tableSize; i++)
         {
             var offset = i * covered;
-            if (offset >= bits.Size)
-            {
-                break;
-            }
-            var length = Math.Min(covered, bits.Size - offset);
-            if (bits.NextDirty(offset, length) < 0)
+            var length = Math.Max(0, Math.Min(covered, bits.Size - offset));
+            if (dataClusters is null && (length == 0 || bits.NextDirty(offset, length) < 0))
             {
                 continue;
             }
             Array.Clear(buffer);
-            bits.Serialize(offset, length, buffer);
+            if (length > 0)
+            {
+                bits.Serialize(offset, length, buffer);
+            }
             var host = await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
             await _file.WriteAsync(host, buffer, WriteFlags.None, cancellationToken).ConfigureAwait(false);
             BinaryPrimitives.WriteUInt64BigEndian(table.AsSpan(i * 8), (ulong)host);
+            if (dataClusters is not null)
+            {
+                dataClusters[i] = host;
+            }
         }
         var tableOffset = await AllocateContiguousAsync(tableClusters, cancellationToken).ConfigureAwait(false);
         await _file.WriteAsync(tableOffset, table, WriteFlags.None, cancellationToken).ConfigureAwait(false);

@@ -189,41 +189,12 @@ public sealed partial class Qcow2Node : ICrashConsistentBitmapStore
         AddWriteObserver(tracker);
     }
 
-    /// <summary>Like WriteBitmapDataAsync, but every data cluster is allocated, zeros or not: the journal writes into them in place.</summary>
+    /// <summary>Stores the bitmap in use with every data cluster allocated, zeros or not: the journal writes into them in place.</summary>
     private async ValueTask<(Qcow2BitmapDirectoryEntry Entry, long[] DataClusters)> WriteJournalBitmapAsync(DirtyBitmap bitmap,
         CancellationToken cancellationToken)
     {
-        var bits = bitmap.Bits;
-        var granularity = bitmap.Granularity;
-        var tableSize = (int)Qcow2BitmapDirectoryEntry.TableSizeFor(_virtualSize, granularity, _clusterSize);
-        var tableClusters = Math.Max(1, (tableSize * 8 + _clusterSize - 1) / _clusterSize);
-        var table = new byte[tableClusters * _clusterSize];
-        var covered = BytesPerDataCluster(granularity);
-        var buffer = new byte[_clusterSize];
-        var dataClusters = new long[tableSize];
-        for (var i = 0; i < tableSize; i++)
-        {
-            var offset = i * covered;
-            Array.Clear(buffer);
-            if (offset < bits.Size)
-            {
-                bits.Serialize(offset, Math.Min(covered, bits.Size - offset), buffer);
-            }
-            var host = await AllocateClusterAsync(cancellationToken).ConfigureAwait(false);
-            await _file.WriteAsync(host, buffer, WriteFlags.None, cancellationToken).ConfigureAwait(false);
-            BinaryPrimitives.WriteUInt64BigEndian(table.AsSpan(i * 8), (ulong)host);
-            dataClusters[i] = host;
-        }
-        var tableOffset = await AllocateContiguousAsync(tableClusters, cancellationToken).ConfigureAwait(false);
-        await _file.WriteAsync(tableOffset, table, WriteFlags.None, cancellationToken).ConfigureAwait(false);
-        var entry = new Qcow2BitmapDirectoryEntry
-        {
-            TableOffset = (ulong)tableOffset,
-            TableSize = (uint)tableSize,
-            Flags = Qcow2BitmapDirectoryEntry.FlagInUse | (bitmap.Recording ? Qcow2BitmapDirectoryEntry.FlagAuto : 0),
-            GranularityBits = BitOperations.Log2((ulong)granularity),
-            Name = bitmap.Name!,
-        };
+        var dataClusters = new long[Qcow2BitmapDirectoryEntry.TableSizeFor(_virtualSize, bitmap.Granularity, _clusterSize)];
+        var entry = await WriteBitmapDataAsync(bitmap, inUse: true, cancellationToken, dataClusters).ConfigureAwait(false);
         return (entry, dataClusters);
     }
 

@@ -256,4 +256,24 @@ public sealed class Qcow2PersistentBitmapTests : IDisposable
 
     private static Task PatchFirstEntryFlagsAsync(string img, uint flags) =>
         PatchFirstEntryAsync(img, d => BinaryPrimitives.WriteUInt32BigEndian(d.AsSpan(12), flags));
+
+    [Fact]
+    public async Task Image_info_lists_the_stored_bitmaps_as_QSD_does()
+    {
+        var img = Create();
+        QemuTools.Img("bitmap", "--add", img, "b0");
+        QemuTools.Img("bitmap", "--add", "--disable", "-g", "4096", img, "b1");
+        var (graph, node) = await Qcow2Open.OpenAsync(img);
+        try
+        {
+            var json = System.Text.Json.JsonSerializer.Serialize(node.GetImageInfo().FormatSpecific!.Data
+                .First(kv => kv.Key == "bitmaps").Value);
+            json.Should().Be("""[[{"Key":"flags","Value":["in-use","auto"]},{"Key":"name","Value":"b0"},{"Key":"granularity","Value":65536}],""" +
+                """[{"Key":"flags","Value":["in-use"]},{"Key":"name","Value":"b1"},{"Key":"granularity","Value":4096}]]""");
+        }
+        finally
+        {
+            await graph.CloseAllAsync();
+        }
+    }
 }

@@ -231,6 +231,15 @@ public sealed partial class Qcow2Node : BlockNode
         }
     }
 
+    /// <summary>A stored bitmap's flags as QSD's format-specific info names them, in its order.</summary>
+    private static string[] BitmapFlagNames(Qcow2BitmapDirectoryEntry e) => (e.InUse, e.Auto) switch
+    {
+        (true, true) => ["in-use", "auto"],
+        (true, false) => ["in-use"],
+        (false, true) => ["auto"],
+        _ => [],
+    };
+
     public override ImageInfo GetImageInfo()
     {
         var h = _headerCluster.Header;
@@ -244,6 +253,16 @@ public sealed partial class Qcow2Node : BlockNode
         if (h.Version >= 3)
         {
             data.Add(new("lazy-refcounts", (h.CompatibleFeatures & Qcow2Header.CompatLazyRefcounts) != 0));
+        }
+        if (_bitmapDirectory.Count > 0)
+        {
+            // As stored in the image now (QSD reads the directory): in-use while open read-write.
+            data.Add(new("bitmaps", _bitmapDirectory.Select(e => new KeyValuePair<string, object?>[]
+            {
+                new("flags", BitmapFlagNames(e)),
+                new("name", e.Name),
+                new("granularity", e.Granularity),
+            }).ToArray()));
         }
         data.Add(new("refcount-bits", 1 << h.RefcountOrder));
         if (_hasDataFile)

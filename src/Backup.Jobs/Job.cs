@@ -165,6 +165,12 @@ public abstract class Job
         Task kick;
         lock (Sync)
         {
+            // A cancel or pause that came after the caller's last pause point kicked the previous
+            // wake-up, not this one: do not sleep through it.
+            if (IsCancelled || _pauseCount > 0)
+            {
+                return;
+            }
             Busy = false;
             kick = _kick.Task;
         }

@@ -66,18 +66,11 @@ public sealed class BitmapActions(BlockGraph graph)
     }
 
     /// <summary>
-    /// Undoes an add. A crash-consistent bitmap stops being journaled; its stored entry goes at the next
-    /// clean close, like any stored bitmap the node no longer has.
+    /// Undoes an add. A crash-consistent bitmap stays journaled until the node closes: its stored entry
+    /// is trusted after a crash until then, so it must keep covering every write. The next clean close
+    /// drops it, like any stored bitmap the node no longer has.
     /// </summary>
-    private static void Discard(DirtyBitmap bitmap)
-    {
-        if (bitmap.CrashTracker is { } tracker)
-        {
-            bitmap.CrashTracker = null;
-            _ = tracker.DetachAsync();
-        }
-        bitmap.Owner.Release(bitmap);
-    }
+    private static void Discard(DirtyBitmap bitmap) => bitmap.Owner.Release(bitmap);
 
     private DirtyBitmap Add(JsonObject args, out ICrashConsistentBitmapStore? crashStore)
     {

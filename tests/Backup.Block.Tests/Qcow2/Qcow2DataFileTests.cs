@@ -123,6 +123,7 @@ public sealed class Qcow2DataFileTests : IDisposable
             var info = node.GetImageInfo().FormatSpecific!.Data.ToDictionary(kv => kv.Key, kv => kv.Value);
             info["data-file"].Should().Be(data);
             info["data-file-raw"].Should().Be(true);
+            node.SupportsCompressedWrites.Should().BeFalse("compressed clusters would live in the image file, which data-file images never map");
         }
         finally
         {

@@ -75,7 +75,9 @@ public sealed partial class Qcow2Node
             {
                 if (failure is null)
                 {
-                    await PublishAsync(l1Index, firstIndex, plan, count, cancellationToken).ConfigureAwait(false);
+                    // Not cancellable: the data is written, and half a publish would leave the cache and the
+                    // file disagreeing about which cluster holds it.
+                    await PublishAsync(l1Index, firstIndex, plan, count).ConfigureAwait(false);
                 }
                 else
                 {
@@ -169,12 +171,16 @@ public sealed partial class Qcow2Node
         }
     }
 
-    /// <summary>Step (3), metadata lock held: the L2 entries name the written clusters; the old ones lose their reference.</summary>
-    private async ValueTask PublishAsync(int l1Index, int firstIndex, ClusterPlan[] plan, int count, CancellationToken cancellationToken)
+    /// <summary>
+    /// Step (3), metadata lock held: the L2 entries name the written clusters; once they are written, the
+    /// old ones lose their reference. If the entries cannot be written, the cache goes back to the old
+    /// ones and nothing is freed (the new clusters leak rather than risk a freed cluster being referenced).
+    /// </summary>
+    private async ValueTask PublishAsync(int l1Index, int firstIndex, ClusterPlan[] plan, int count)
     {
         // The table may have left the cache meanwhile; the file has every change (write-through), so
         // loading it again is safe, and overlapping changes waited for us.
-        var (table, l2Offset) = await GetL2ForUpdateAsync(l1Index, cancellationToken).ConfigureAwait(false);
+        var (table, l2Offset) = await GetL2ForUpdateAsync(l1Index, CancellationToken.None).ConfigureAwait(false);
         int first = int.MaxValue, last = -1;
         for (var i = 0; i < count; i++)
         {
@@ -183,16 +189,37 @@ public sealed partial class Qcow2Node
                 continue;
             }
             Volatile.Write(ref table[firstIndex + i], Qcow2L2Entry.Standard(plan[i].Host).Raw);
-            DropReference(plan[i].Old, keep: plan[i].Fresh ? 0 : plan[i].Host);
             first = Math.Min(first, firstIndex + i);
             last = firstIndex + i;
         }
-        if (last >= 0)
+        if (last < 0)
+        {
+            return;
+        }
+        try
         {
             // Data first (step 2), then the entries that point at it.
-            await WriteL2EntriesAsync(l2Offset, table, first, last - first + 1, cancellationToken).ConfigureAwait(false);
+            await WriteL2EntriesAsync(l2Offset, table, first, last - first + 1, CancellationToken.None).ConfigureAwait(false);
         }
-        await ProcessPendingFreesIfManyAsync(cancellationToken).ConfigureAwait(false);
+        catch
+        {
+            for (var i = 0; i < count; i++)
+            {
+                if (plan[i].Publish)
+                {
+                    Volatile.Write(ref table[firstIndex + i], plan[i].Old.Raw);
+                }
+            }
+            throw;
+        }
+        for (var i = 0; i < count; i++)
+        {
+            if (plan[i].Publish)
+            {
+                DropReference(plan[i].Old, keep: plan[i].Fresh ? 0 : plan[i].Host);
+            }
+        }
+        await ProcessPendingFreesIfManyAsync(CancellationToken.None).ConfigureAwait(false);
     }
 
     /// <summary>

@@ -197,6 +197,11 @@ public sealed partial class Qcow2Node : IPersistentBitmapStore
         {
             throw new BlockException($"Can't store bitmap '{bitmap.Name}' to read-only node '{NodeName}'");
         }
+        if (_crashTrackers.ContainsKey(bitmap.Name))
+        {
+            // Its journal writes into the clusters a store would free.
+            throw new InvalidOperationException($"bitmap '{bitmap.Name}' is crash-consistent: its journal keeps it stored");
+        }
         await _meta.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {

@@ -17,8 +17,11 @@ public sealed partial class Qcow2Node
     /// </summary>
     private long _compressedFree;
 
-    /// <summary>zlib (compression type 0) only; zstd images are read but not written compressed.</summary>
-    public override bool SupportsCompressedWrites => !ReadOnly && _headerCluster.Header.CompressionType == 0;
+    /// <summary>
+    /// zlib (compression type 0) only; zstd images are read but not written compressed. Not with an
+    /// external data file: compressed clusters live in the image file, which such images never map (QEMU: ENOTSUP).
+    /// </summary>
+    public override bool SupportsCompressedWrites => !ReadOnly && !_hasDataFile && _headerCluster.Header.CompressionType == 0;
 
     protected override async ValueTask WriteCompressedCoreAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
     {
@@ -87,6 +90,10 @@ public sealed partial class Qcow2Node
     private async ValueTask StoreCompressedAsync(long guestOffset, ReadOnlyMemory<byte> compressed, CancellationToken cancellationToken)
     {
         var l1Index = (int)(guestOffset / L2Coverage);
+        // An allocating write in flight on this cluster publishes its entry first: it must see ours, not
+        // overwrite it (the packed data's reference would leak).
+        await WaitForInFlightLockedAsync(guestOffset >> _clusterBits, (guestOffset >> _clusterBits) + 1, cancellationToken)
+            .ConfigureAwait(false);
         var (table, l2Offset) = await GetL2ForUpdateAsync(l1Index, cancellationToken).ConfigureAwait(false);
         var index = (int)((guestOffset >> _clusterBits) & (_l2Entries - 1));
         var old = new Qcow2L2Entry(Volatile.Read(ref table[index]));
@@ -122,7 +129,7 @@ public sealed partial class Qcow2Node
         if (open && _clusterSize - used >= size)
         {
             start = free;
-            await UpdateRefcountsAsync([free >> _clusterBits], +1, cancellationToken).ConfigureAwait(false);
+            await UpdateRefcountsAsync([free >> _clusterBits], +1, cancellationToken, WriteFlags.Fua).ConfigureAwait(false);
         }
         else
         {
@@ -130,7 +137,7 @@ public sealed partial class Qcow2Node
             if (open && fresh == free - used + _clusterSize)
             {
                 start = free;
-                await UpdateRefcountsAsync([free >> _clusterBits], +1, cancellationToken).ConfigureAwait(false);
+                await UpdateRefcountsAsync([free >> _clusterBits], +1, cancellationToken, WriteFlags.Fua).ConfigureAwait(false);
             }
             else
             {

@@ -155,6 +155,9 @@ public sealed partial class Qcow2Node : ICrashConsistentBitmapStore
     private async ValueTask KeepCrashConsistentLockedAsync(DirtyBitmap bitmap, CancellationToken cancellationToken)
     {
         var name = bitmap.Name!;
+        // A bitmap of this name journaled before (its add was undone) stops writing into the clusters
+        // this store is about to free.
+        await StopCrashConsistencyAsync(name, forget: false).ConfigureAwait(false);
         var (entry, dataClusters) = await WriteJournalBitmapAsync(bitmap, cancellationToken).ConfigureAwait(false);
         var entries = new List<Qcow2BitmapDirectoryEntry>();
         var freed = new List<long>();
@@ -242,17 +245,20 @@ public sealed partial class Qcow2Node : ICrashConsistentBitmapStore
     /// <summary>Before the bitmaps are stored at close: no journal update may write into clusters the store frees.</summary>
     private async ValueTask StopAllCrashConsistencyAsync()
     {
-        foreach (var name in _crashTrackers.Keys.ToList())
-        {
-            await StopCrashConsistencyAsync(name, forget: false).ConfigureAwait(false);
-        }
+        // Still crash-consistent at the next open: the node's own bitmaps that are journaled now (not
+        // one whose add was undone, nor a plain bitmap that took its name since).
         var set = this.TryGetDirtyBitmaps();
         foreach (var name in _crashRegions.Keys.ToList())
         {
-            if (set?.Find(name) is not { Persistent: true, Inconsistent: false })
+            if (!(_crashTrackers.TryGetValue(name, out var tracker) && set?.Find(name) is { Persistent: true, Inconsistent: false } b &&
+                ReferenceEquals(b, tracker.Bitmap)))
             {
                 _crashRegions.Remove(name);
             }
+        }
+        foreach (var name in _crashTrackers.Keys.ToList())
+        {
+            await StopCrashConsistencyAsync(name, forget: false).ConfigureAwait(false);
         }
     }
 }

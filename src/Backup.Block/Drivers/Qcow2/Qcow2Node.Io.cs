@@ -92,13 +92,30 @@ public sealed partial class Qcow2Node
     }
 
     /// <summary>Loads the L2 table covering <paramref name="guestOffset"/> (under the lock) and returns it for one immediate use.</summary>
+    /// <summary>
+    /// The L2 table for <paramref name="guestOffset"/> (null: none allocated), for a look at its entries'
+    /// kinds only (block status). Data reads use <see cref="LoadL2ForReadAsync"/>.
+    /// </summary>
     private async ValueTask<ulong[]?> LoadL2ForAsync(long guestOffset, CancellationToken cancellationToken)
+    {
+        var (table, parity) = await LoadL2ForReadAsync(guestOffset, cancellationToken).ConfigureAwait(false);
+        ExitLockFree(parity);
+        return table;
+    }
+
+    /// <summary>
+    /// Loads the L2 table for <paramref name="guestOffset"/> (null: none allocated) and enters the
+    /// lock-free section before the metadata lock goes, so that no drain can free a cluster the table
+    /// names between the load and its use. The caller exits with the returned parity.
+    /// </summary>
+    private async ValueTask<(ulong[]? Table, int Parity)> LoadL2ForReadAsync(long guestOffset, CancellationToken cancellationToken)
     {
         await _meta.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
             var l1 = new Qcow2L1Entry(_l1[(int)(guestOffset / L2Coverage)]);
-            return l1.IsAllocated ? await LoadL2Async(l1.L2Offset, cancellationToken).ConfigureAwait(false) : null;
+            var table = l1.IsAllocated ? await LoadL2Async(l1.L2Offset, cancellationToken).ConfigureAwait(false) : null;
+            return (table, EnterLockFree());
         }
         finally
         {
@@ -168,9 +185,11 @@ public sealed partial class Qcow2Node
         var pos = 0;
         ulong[]? loaded = null;
         var haveLoaded = false;
+        int? entered = null;
         while (pos < buffer.Length)
         {
-            var parity = EnterLockFree();
+            var parity = entered ?? EnterLockFree();
+            entered = null;
             try
             {
                 while (pos < buffer.Length)
@@ -196,7 +215,8 @@ public sealed partial class Qcow2Node
             }
             if (pos < buffer.Length)
             {
-                loaded = await LoadL2ForAsync(offset + pos, cancellationToken).ConfigureAwait(false);
+                (loaded, var p) = await LoadL2ForReadAsync(offset + pos, cancellationToken).ConfigureAwait(false);
+                entered = p;
                 haveLoaded = true;
             }
         }
@@ -320,7 +340,7 @@ public sealed partial class Qcow2Node
         }
         if ((flags & WriteFlags.Fua) != 0)
         {
-            await FlushCoreAsync(cancellationToken).ConfigureAwait(false);
+            await FlushFilesAsync(cancellationToken).ConfigureAwait(false);
         }
     }
 
@@ -385,7 +405,7 @@ public sealed partial class Qcow2Node
             await _data.WriteZeroesAsync(offset, length, flags & ~WriteFlags.Fua, cancellationToken).ConfigureAwait(false);
             if ((flags & WriteFlags.Fua) != 0)
             {
-                await FlushCoreAsync(cancellationToken).ConfigureAwait(false);
+                await FlushFilesAsync(cancellationToken).ConfigureAwait(false);
             }
             return;
         }
@@ -574,6 +594,15 @@ public sealed partial class Qcow2Node
         {
             _meta.Release();
         }
+        await FlushFilesAsync(cancellationToken).ConfigureAwait(false);
+    }
+
+    /// <summary>
+    /// Makes what was written durable. FUA writes need only this: metadata is written before the request
+    /// completes, and giving back the reserve on each of them would churn it.
+    /// </summary>
+    private async ValueTask FlushFilesAsync(CancellationToken cancellationToken)
+    {
         if (_hasDataFile)
         {
             await _data.FlushAsync(cancellationToken).ConfigureAwait(false);

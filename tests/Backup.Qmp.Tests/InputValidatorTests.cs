@@ -82,6 +82,8 @@ public class InputValidatorTests
             .Should().Throw<BlockException>().Which.Message;
         Err("""{"node-name": "x"}""").Should().Be("Parameter 'driver' is missing");
         Err("""{"driver": "nosuch"}""").Should().Be("Parameter 'driver' does not accept value 'nosuch'");
+        // QSD names a nested enum member alone.
+        Err("""{"driver": "qcow2", "node-name": "x", "file": {"driver": "bogus"}}""").Should().Be("Parameter 'driver' does not accept value 'bogus'");
         Err("""{"driver": "raw", "node-name": "r", "file": {"driver": "file"}}""").Should().Be("Parameter 'file.filename' is missing");
         Err("""{"driver": "raw", "node-name": "r", "file": 5}""").Should().Be("Invalid parameter type for 'file', expected: BlockdevRef");
         Err("""{"driver": "file", "node-name": "f", "filename": "x", "offset": 1}""").Should().Be("Parameter 'offset' is unexpected");

@@ -132,7 +132,10 @@ public static class InputValidator
         var s = v.GetValue<string>();
         if (!type.Values.Contains(s))
         {
-            throw new BlockException($"Parameter '{Name(path)}' does not accept value '{s}'");
+            // QEMU names the member alone here, however deep it is ('completion-mode', not
+            // 'properties.completion-mode'): its enum visitor is not given the full path.
+            var name = Name(path);
+            throw new BlockException($"Parameter '{name[(name.LastIndexOf('.') + 1)..]}' does not accept value '{s}'");
         }
         return JsonValue.Create(s);
     }

@@ -13,8 +13,7 @@ public abstract class BlockNode : IAsyncDisposable
 {
     private IWriteObserver[] _observers = [];
     private readonly Lock _usersLock = new();
-    private readonly List<string> _users = [];
-    private int _jobTargets;
+    private readonly List<(string Reason, bool JobTarget)> _users = [];
     private long _inFlight;
 
     protected BlockNode(NodeContext context)
@@ -352,7 +351,7 @@ public abstract class BlockNode : IAsyncDisposable
     {
         lock (_usersLock)
         {
-            _users.Add(reason);
+            _users.Add((reason, false));
         }
         return new UserToken(this, reason, jobTarget: false);
     }
@@ -366,8 +365,7 @@ public abstract class BlockNode : IAsyncDisposable
     {
         lock (_usersLock)
         {
-            _users.Add(reason);
-            _jobTargets++;
+            _users.Add((reason, true));
         }
         return new UserToken(this, reason, jobTarget: true);
     }
@@ -379,7 +377,7 @@ public abstract class BlockNode : IAsyncDisposable
         {
             lock (_usersLock)
             {
-                return _jobTargets > 0;
+                return _users.Exists(u => u.JobTarget);
             }
         }
     }
@@ -391,7 +389,7 @@ public abstract class BlockNode : IAsyncDisposable
         {
             lock (_usersLock)
             {
-                return _users.Count > 0 ? _users[0] : null;
+                return _users.Count > 0 ? _users[0].Reason : null;
             }
         }
     }
@@ -400,11 +398,7 @@ public abstract class BlockNode : IAsyncDisposable
     {
         lock (_usersLock)
         {
-            _users.Remove(reason);
-            if (jobTarget)
-            {
-                _jobTargets--;
-            }
+            _users.Remove((reason, jobTarget));
         }
     }
 

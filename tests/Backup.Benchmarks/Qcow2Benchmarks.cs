@@ -43,7 +43,7 @@ public class Qcow2Benchmarks
 
         var seq = Create("seq", SeqSize, prealloc: false);
         (_seqGraph, _seqNode) = Open(seq);
-        RunAsync(SeqDepth, (int)(SeqSize / SeqChunk), 0, (i, _) => _seqNode.WriteAsync(i * (long)SeqChunk, _data)).GetAwaiter().GetResult();
+        BenchmarkWorkload.RunAsync(SeqDepth, (int)(SeqSize / SeqChunk), 0, (i, _) => _seqNode.WriteAsync(i * (long)SeqChunk, _data)).GetAwaiter().GetResult();
 
         var random = Create("random", RandomImageSize, prealloc: true);
         (_randomGraph, _randomNode) = Open(random);
@@ -89,14 +89,14 @@ public class Qcow2Benchmarks
     public void SequentialWrite1MiB()
     {
         var node = _freshNode!;
-        RunAsync(SeqDepth, (int)(SeqSize / SeqChunk), 0, (i, _) => node.WriteAsync(i * (long)SeqChunk, _data)).GetAwaiter().GetResult();
+        BenchmarkWorkload.RunAsync(SeqDepth, (int)(SeqSize / SeqChunk), 0, (i, _) => node.WriteAsync(i * (long)SeqChunk, _data)).GetAwaiter().GetResult();
     }
 
     /// <summary>The 256 MiB written in setup, in 1 MiB reads, 8 in flight.</summary>
     [Benchmark]
     public void SequentialRead1MiB()
     {
-        RunAsync(SeqDepth, (int)(SeqSize / SeqChunk), SeqChunk, (i, buffer) => _seqNode.ReadAsync(i * (long)SeqChunk, buffer))
+        BenchmarkWorkload.RunAsync(SeqDepth, (int)(SeqSize / SeqChunk), SeqChunk, (i, buffer) => _seqNode.ReadAsync(i * (long)SeqChunk, buffer))
             .GetAwaiter().GetResult();
     }
 
@@ -104,54 +104,10 @@ public class Qcow2Benchmarks
     [Benchmark(OperationsPerInvoke = RandomOps)]
     public void RandomRead4KiB()
     {
-        RunAsync(RandomDepth, RandomOps, 4096, (i, buffer) => _randomNode.ReadAsync(_offsets[i], buffer)).GetAwaiter().GetResult();
+        BenchmarkWorkload.RunAsync(RandomDepth, RandomOps, 4096, (i, buffer) => _randomNode.ReadAsync(_offsets[i], buffer)).GetAwaiter().GetResult();
     }
 
-    /// <summary>Runs operations 0..count-1 from <paramref name="depth"/> workers on the thread pool, each with its own buffer.</summary>
-    private static async Task RunAsync(int depth, int count, int bufferSize, Func<int, Memory<byte>, ValueTask> op)
-    {
-        var next = -1;
-        var workers = new Task[depth];
-        for (var w = 0; w < depth; w++)
-        {
-            workers[w] = Task.Run(async () =>
-            {
-                var buffer = new byte[bufferSize];
-                int i;
-                while ((i = Interlocked.Increment(ref next)) < count)
-                {
-                    await op(i, buffer).ConfigureAwait(false);
-                }
-            });
-        }
-        await Task.WhenAll(workers).ConfigureAwait(false);
-    }
-
-    private string Create(string name, long size, bool prealloc)
-    {
-        var path = Path.Combine(_dir, $"{name}.{Format}");
-        File.Delete(path);
-        var psi = new ProcessStartInfo("qemu-img") { RedirectStandardError = true };
-        foreach (var a in new[] { "create", "-q", "-f", Format })
-        {
-            psi.ArgumentList.Add(a);
-        }
-        if (prealloc)
-        {
-            psi.ArgumentList.Add("-o");
-            psi.ArgumentList.Add("preallocation=falloc");
-        }
-        psi.ArgumentList.Add(path);
-        psi.ArgumentList.Add(size.ToString(System.Globalization.CultureInfo.InvariantCulture));
-        using var p = Process.Start(psi)!;
-        var err = p.StandardError.ReadToEnd();
-        p.WaitForExit();
-        if (p.ExitCode != 0)
-        {
-            throw new InvalidOperationException($"qemu-img create failed: {err}");
-        }
-        return path;
-    }
+    private string Create(string name, long size, bool prealloc) => BenchmarkWorkload.CreateImage(_dir, name, Format, size, prealloc);
 
     private (BlockGraph Graph, BlockNode Node) Open(string path)
     {

@@ -35,7 +35,7 @@ internal static class Qcow2SideBySide
         {
             foreach (var fmt in Formats)
             {
-                random[fmt] = await OpenAsync(Create(dir, "random", fmt, RandomSize, prealloc: true), fmt, direct);
+                random[fmt] = await OpenAsync(BenchmarkWorkload.CreateImage(dir, "random", fmt, RandomSize, prealloc: true), fmt, direct);
                 var warm = new byte[4096];
                 for (long o = 0; o < RandomSize; o += 32L << 20)
                 {
@@ -47,18 +47,18 @@ internal static class Qcow2SideBySide
             {
                 foreach (var fmt in Formats)
                 {
-                    var (graph, node) = await OpenAsync(Create(dir, "seq", fmt, (long)SeqCount * Chunk, prealloc: false), fmt, direct);
+                    var (graph, node) = await OpenAsync(BenchmarkWorkload.CreateImage(dir, "seq", fmt, (long)SeqCount * Chunk, prealloc: false), fmt, direct);
                     await MeasureAsync(results, $"seq write 256 MiB {fmt}", 1,
-                        () => Workers(SeqDepth, SeqCount, 0, (i, _) => node.WriteAsync(i * (long)Chunk, data)));
+                        () => BenchmarkWorkload.RunAsync(SeqDepth, SeqCount, 0, (i, _) => node.WriteAsync(i * (long)Chunk, data)));
                     await MeasureAsync(results, $"seq read 256 MiB {fmt}", 1,
-                        () => Workers(SeqDepth, SeqCount, Chunk, (i, b) => node.ReadAsync(i * (long)Chunk, b)));
+                        () => BenchmarkWorkload.RunAsync(SeqDepth, SeqCount, Chunk, (i, b) => node.ReadAsync(i * (long)Chunk, b)));
                     await graph.CloseAllAsync();
                     var rnd = random[fmt].Node;
                     await MeasureAsync(results, $"random 4 KiB read {fmt} (per read)", RandomOps * RandomPasses, async () =>
                     {
                         for (var p = 0; p < RandomPasses; p++)
                         {
-                            await Workers(RandomDepth, RandomOps, 4096, (i, b) => rnd.ReadAsync(offsets[i], b));
+                            await BenchmarkWorkload.RunAsync(RandomDepth, RandomOps, 4096, (i, b) => rnd.ReadAsync(offsets[i], b));
                         }
                     });
                 }
@@ -108,48 +108,6 @@ internal static class Qcow2SideBySide
             results[key] = list = [];
         }
         list.Add(value);
-    }
-
-    /// <summary>Operations 0..count-1 from <paramref name="depth"/> workers on the thread pool, each with its own buffer.</summary>
-    private static async Task Workers(int depth, int count, int bufferSize, Func<int, Memory<byte>, ValueTask> op)
-    {
-        var next = -1;
-        var workers = new Task[depth];
-        for (var w = 0; w < depth; w++)
-        {
-            workers[w] = Task.Run(async () =>
-            {
-                var buffer = new byte[bufferSize];
-                int i;
-                while ((i = Interlocked.Increment(ref next)) < count)
-                {
-                    await op(i, buffer).ConfigureAwait(false);
-                }
-            });
-        }
-        await Task.WhenAll(workers).ConfigureAwait(false);
-    }
-
-    private static string Create(string dir, string name, string format, long size, bool prealloc)
-    {
-        var path = Path.Combine(dir, $"{name}.{format}");
-        File.Delete(path);
-        var psi = new ProcessStartInfo("qemu-img") { RedirectStandardError = true };
-        foreach (var a in new[] { "create", "-q", "-f", format })
-        {
-            psi.ArgumentList.Add(a);
-        }
-        if (prealloc)
-        {
-            psi.ArgumentList.Add("-o");
-            psi.ArgumentList.Add("preallocation=falloc");
-        }
-        psi.ArgumentList.Add(path);
-        psi.ArgumentList.Add(size.ToString(CultureInfo.InvariantCulture));
-        using var p = Process.Start(psi)!;
-        var err = p.StandardError.ReadToEnd();
-        p.WaitForExit();
-        return p.ExitCode == 0 ? path : throw new InvalidOperationException($"qemu-img create failed: {err}");
     }
 
     private static async Task<(BlockGraph, BlockNode)> OpenAsync(string path, string format, bool direct)

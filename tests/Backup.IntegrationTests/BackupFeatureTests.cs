@@ -34,17 +34,7 @@ public sealed class BackupFeatureTests : IAsyncLifetime
         _qmp = await _daemon.ConnectAsync();
     }
 
-    public async Task DisposeAsync()
-    {
-        if (_qmp is not null)
-        {
-            await _qmp.DisposeAsync();
-        }
-        if (_daemon is not null)
-        {
-            await _daemon.DisposeAsync();
-        }
-    }
+    public Task DisposeAsync() => DaemonProcess.ShutdownAsync(_qmp, _daemon);
 
     private Task<string> GuestWriteAsync(byte pattern, long offset, long length) =>
         Tool.RunAsync("qemu-io", "-f", "raw", Uri("drive0"), "-c", $"write -P 0x{pattern:x2} {offset} {length}");

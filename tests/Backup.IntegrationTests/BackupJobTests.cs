@@ -35,17 +35,7 @@ public sealed class BackupJobTests : IAsyncLifetime
         _qmp = await _daemon.ConnectAsync();
     }
 
-    public async Task DisposeAsync()
-    {
-        if (_qmp is not null)
-        {
-            await _qmp.DisposeAsync();
-        }
-        if (_daemon is not null)
-        {
-            await _daemon.DisposeAsync();
-        }
-    }
+    public Task DisposeAsync() => DaemonProcess.ShutdownAsync(_qmp, _daemon);
 
     private static Task<string> RunAsync(string file, params string[] args) => Tool.RunAsync(file, args);
 

@@ -22,17 +22,7 @@ public sealed class BlockdevCreateTests : IAsyncLifetime
         _qmp = await _daemon.ConnectAsync();
     }
 
-    public async Task DisposeAsync()
-    {
-        if (_qmp is not null)
-        {
-            await _qmp.DisposeAsync();
-        }
-        if (_daemon is not null)
-        {
-            await _daemon.DisposeAsync();
-        }
-    }
+    public Task DisposeAsync() => DaemonProcess.ShutdownAsync(_qmp, _daemon);
 
     private string PathOf(string name) => Path.Combine(_dir, name);
 

@@ -17,8 +17,6 @@ public sealed class CrashConsistentBitmapTests : IAsyncLifetime
 
     private string Disk => Path.Combine(_images, "disk.qcow2");
 
-    private string NbdSocket => Path.Combine(_images, "nbd.sock");
-
     public Task InitializeAsync() => Tool.RunAsync("qemu-img", "create", "-q", "-f", "qcow2", Disk, "64M");
 
     public async Task DisposeAsync()
@@ -32,15 +30,9 @@ public sealed class CrashConsistentBitmapTests : IAsyncLifetime
 
     private async Task<(DaemonProcess Daemon, QmpClient Qmp)> StartAsync()
     {
-        File.Delete(NbdSocket);
-        var daemon = await DaemonProcess.StartAsync(
-        [
-            "--blockdev", $"driver=qcow2,node-name=drive0,file.driver=file,file.filename={Disk}",
-            "--nbd-server", $"addr.type=unix,addr.path={NbdSocket}",
-            "--export", "type=nbd,id=e0,node-name=drive0,name=drive0,writable=on",
-        ]);
+        var (daemon, qmp) = await DriveDaemon.StartAsync(Disk);
         _daemons.Add(daemon);
-        return (daemon, await daemon.ConnectAsync());
+        return (daemon, qmp);
     }
 
     private static async Task<JsonObject?> BitmapAsync(QmpClient qmp, string name)
@@ -67,7 +59,7 @@ public sealed class CrashConsistentBitmapTests : IAsyncLifetime
     public async Task After_kill_9_during_writes_an_incremental_from_the_bitmap_equals_the_disk()
     {
         var (daemon, qmp) = await StartAsync();
-        await Tool.RunAsync("qemu-io", "-f", "raw", $"nbd+unix:///drive0?socket={NbdSocket}", "-c", "write -P 0x11 0 16M");
+        await Tool.RunAsync("qemu-io", "-f", "raw", DriveDaemon.NbdUri(daemon), "-c", "write -P 0x11 0 16M");
         // The plain persistent bitmap must have been stored once to come back at all (QEMU's rule).
         (await qmp.ExecuteAsync("block-dirty-bitmap-add", new { node = "drive0", name = "plain", persistent = true })).Should().ContainKey("return");
         await qmp.ExecuteAsync("quit");
@@ -86,7 +78,7 @@ public sealed class CrashConsistentBitmapTests : IAsyncLifetime
         (await BitmapAsync(qmp, "cc"))!["crash-consistent"]!.GetValue<bool>().Should().BeTrue();
 
         // Random writes, each acknowledged, until the daemon dies under them.
-        await using var nbd = await NbdConnection.OpenAsync(NbdSocket, "drive0");
+        await using var nbd = await NbdConnection.OpenAsync(DriveDaemon.NbdSocket(daemon), "drive0");
         var rng = new Random(124);
         var block = new byte[64 * 1024];
         var acknowledged = 0;
@@ -145,7 +137,7 @@ public sealed class CrashConsistentBitmapTests : IAsyncLifetime
         (await BitmapAsync(qmp, "cc"))!["count"]!.GetValue<long>().Should().Be(0);
 
         // A clean quit stores it exactly; it stays crash-consistent across the restart.
-        await Tool.RunAsync("qemu-io", "-f", "raw", $"nbd+unix:///drive0?socket={NbdSocket}", "-c", "write -P 0x22 40M 64k");
+        await Tool.RunAsync("qemu-io", "-f", "raw", DriveDaemon.NbdUri(daemon), "-c", "write -P 0x22 40M 64k");
         var sha = (await qmp.ExecuteAsync("x-debug-block-dirty-bitmap-sha256", new { node = "drive0", name = "cc" }))["return"]!["sha256"]!.GetValue<string>();
         await qmp.ExecuteAsync("quit");
         await daemon.WaitForExitAsync(TimeSpan.FromSeconds(20));

@@ -28,23 +28,11 @@ public sealed class PersistentBitmapTests : IDisposable
 
     private string Disk => Path.Combine(_images, "disk.qcow2");
 
-    private static string NbdSocket(DaemonProcess d) => Path.Combine(d.Directory, "nbd.sock");
-
     private static Task<string> RunAsync(string file, params string[] args) => Tool.RunAsync(file, args);
 
     /// <summary>backupd, or qemu-storage-daemon with <paramref name="qsd"/>, serving the disk as drive0 over NBD.</summary>
-    private async Task<(DaemonProcess Daemon, QmpClient Qmp)> StartAsync(bool qsd = false)
-    {
-        var dir = DaemonProcess.NewDirectory();
-        var d = await DaemonProcess.StartAsync(
-        [
-            "--blockdev", $"driver=file,node-name=file0,filename={Disk}",
-            "--blockdev", "driver=qcow2,node-name=drive0,file=file0",
-            "--nbd-server", $"addr.type=unix,addr.path={Path.Combine(dir, "nbd.sock")}",
-            "--export", "type=nbd,id=e0,node-name=drive0,name=drive0,writable=on",
-        ], dir, executable: qsd ? "qemu-storage-daemon" : null);
-        return (d, await d.ConnectAsync());
-    }
+    private Task<(DaemonProcess Daemon, QmpClient Qmp)> StartAsync(bool qsd = false) =>
+        DriveDaemon.StartAsync(Disk, qsd ? "qemu-storage-daemon" : null);
 
     private static async Task QuitAsync(DaemonProcess d, QmpClient qmp)
     {
@@ -55,7 +43,7 @@ public sealed class PersistentBitmapTests : IDisposable
     }
 
     private static Task<string> WriteAsync(DaemonProcess d, string command) =>
-        RunAsync("qemu-io", "-f", "raw", $"nbd+unix:///drive0?socket={NbdSocket(d)}", "-c", command);
+        RunAsync("qemu-io", "-f", "raw", DriveDaemon.NbdUri(d), "-c", command);
 
     private static async Task<JsonObject> OkAsync(QmpClient qmp, string command, object arguments)
     {
@@ -210,7 +198,7 @@ public sealed class PersistentBitmapTests : IDisposable
         // Guest writes keep going while the daemon dies.
         var writer = Process.Start(new ProcessStartInfo("qemu-io")
         {
-            ArgumentList = { "-f", "raw", $"nbd+unix:///drive0?socket={NbdSocket(d)}", "-c", "write -P 0x22 8M 32M" },
+            ArgumentList = { "-f", "raw", DriveDaemon.NbdUri(d), "-c", "write -P 0x22 8M 32M" },
             RedirectStandardOutput = true,
             RedirectStandardError = true,
         })!;

@@ -18,8 +18,6 @@ public sealed class RawDiskBitmapTests : IAsyncLifetime
 
     private string Meta => Path.Combine(_dir, "meta.qcow2");
 
-    private string NbdSocket => Path.Combine(_dir, "nbd.sock");
-
     public Task InitializeAsync() =>
         Tool.RunAsync("qemu-img", "create", "-q", "-f", "qcow2", "-o", $"data_file={Raw},data_file_raw=on", Meta, "64M");
 
@@ -34,15 +32,9 @@ public sealed class RawDiskBitmapTests : IAsyncLifetime
 
     private async Task<(DaemonProcess Daemon, QmpClient Qmp)> StartAsync()
     {
-        File.Delete(NbdSocket);
-        var daemon = await DaemonProcess.StartAsync(
-        [
-            "--blockdev", $"driver=qcow2,node-name=drive0,file.driver=file,file.filename={Meta}",
-            "--nbd-server", $"addr.type=unix,addr.path={NbdSocket}",
-            "--export", "type=nbd,id=e0,node-name=drive0,name=drive0,writable=on",
-        ]);
+        var (daemon, qmp) = await DriveDaemon.StartAsync(Meta);
         _daemons.Add(daemon);
-        return (daemon, await daemon.ConnectAsync());
+        return (daemon, qmp);
     }
 
     private static Task<string> WriteAsync(string image, string format, string command) => Tool.RunAsync("qemu-io", "-f", format, image, "-c", command);
@@ -55,7 +47,7 @@ public sealed class RawDiskBitmapTests : IAsyncLifetime
     {
         var (daemon, qmp) = await StartAsync();
         (await qmp.ExecuteAsync("block-dirty-bitmap-add", new { node = "drive0", name = "b0", persistent = true })).Should().ContainKey("return");
-        var nbd = $"nbd+unix:///drive0?socket={NbdSocket}";
+        var nbd = DriveDaemon.NbdUri(daemon);
         var model = Path.Combine(_dir, "model.raw");
         await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", model, "64M");
         foreach (var command in new[] { "write -P 0x11 0 1M", "write -P 0x22 10M 64k", "write -P 0x33 63M 1M" })

@@ -171,6 +171,19 @@ public sealed class DaemonProcess : IAsyncDisposable
     private static extern int Kill(int pid, int signal);
 #pragma warning restore SYSLIB1054, CA5392
 
+    /// <summary>The end of a test that started a daemon and connected to it; either is null if start-up failed.</summary>
+    public static async Task ShutdownAsync(QmpClient? qmp, DaemonProcess? daemon)
+    {
+        if (qmp is not null)
+        {
+            await qmp.DisposeAsync();
+        }
+        if (daemon is not null)
+        {
+            await daemon.DisposeAsync();
+        }
+    }
+
     public async ValueTask DisposeAsync()
     {
         if (!_process.HasExited)

@@ -57,6 +57,11 @@ public sealed class BackupJob : Job, IWriteObserver
     private const int DefaultChunk = 1 << 20;
     private const int DefaultWorkers = 8;
     private const int MaxWorkersCap = 64;
+    /// <summary>Old data held in memory for deferred guest copies; beyond it a guest write waits for its copy.</summary>
+    private const long MaxDeferredBytes = 64 << 20;
+    /// <summary>A guest that wrote within this many milliseconds is writing: the job copies with fewer workers.</summary>
+    private const long GuestActiveMillis = 20;
+    private const int GuestActiveWorkers = 1;
 
     private readonly BackupSettings _s;
     private readonly DirtyBitmap _copyBitmap;
@@ -74,6 +79,14 @@ public sealed class BackupJob : Job, IWriteObserver
     /// <summary>The target has no backing node, so where it reads as zeros nothing below can show through.</summary>
     private readonly bool _targetReadsZeroInit;
     private volatile bool _cbwOff;
+    /// <summary>When the guest last wrote to the source (Environment.TickCount64), for <see cref="WorkersNow"/>.</summary>
+    private long _lastGuestWrite = long.MinValue / 2;
+    /// <summary>Guest copies whose target write runs after the guest write went on, and their bytes (under _claim).</summary>
+    private int _deferred;
+    private long _deferredBytes;
+    private TaskCompletionSource? _deferredDrained;
+    /// <summary>The first deferred target write that failed for good: the job fails with it.</summary>
+    private Exception? _deferredFailure;
     private bool _cleaned;
 
     public BackupJob(JobManager manager, JobSettings settings, BackupSettings backup) : base(manager, settings)
@@ -146,18 +159,32 @@ public sealed class BackupJob : Job, IWriteObserver
             {
                 await PausePointAsync().ConfigureAwait(false);
                 var extent = offset < length ? _copy.NextDirtyExtent(offset, length - offset) : null;
-                if (extent is { } e && running.Count < _workers)
+                if (extent is { } e && running.Count < WorkersNow())
                 {
                     var end = Math.Min(e.End, Math.Min(length, e.Offset + _maxChunk));
                     running.Add(CopyAsync(e.Offset, end, fromJob: true).AsTask());
                     offset = end;
                     continue;
                 }
+                ThrowIfDeferredFailed();
                 if (running.Count == 0)
                 {
-                    // Copies that failed and were retried by a guest write may have put bits back.
-                    if (_copy.NextDirty(0, length) >= 0)
+                    // Guest copies still reading or writing may yet fail and put bits back: wait for
+                    // them, then look again (copies that failed and were retried may have put bits back).
+                    Task? pending;
+                    lock (_claim)
                     {
+                        pending = _copy.NextDirty(0, length) >= 0 ? null
+                            : _inFlight.Count > 0 ? Task.WhenAny(_inFlight.Select(f => f.Done.Task))
+                            : _deferred > 0 ? (_deferredDrained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task
+                            : Task.CompletedTask;
+                    }
+                    if (pending is null || !pending.IsCompleted)
+                    {
+                        if (pending is not null)
+                        {
+                            await pending.WaitAsync(cancellationToken).ConfigureAwait(false);
+                        }
                         offset = 0;
                         continue;
                     }
@@ -183,6 +210,14 @@ public sealed class BackupJob : Job, IWriteObserver
             }
         }
     }
+
+    /// <summary>
+    /// The job's parallel copies: all of them while the guest is quiet, one while it writes. The guest's
+    /// writes, the NBD server and the job share the machine's CPUs and page cache; a backup that takes
+    /// longer costs the user less than a guest that stalls, and copy-before-write keeps it exact either way.
+    /// </summary>
+    private int WorkersNow() =>
+        Environment.TickCount64 - Volatile.Read(ref _lastGuestWrite) < GuestActiveMillis ? GuestActiveWorkers : _workers;
 
     /// <summary>sync=top: clears the bits of what the source's top layer does not allocate.</summary>
     private async Task SkipUnallocatedAsync()
@@ -214,18 +249,22 @@ public sealed class BackupJob : Job, IWriteObserver
 
     private static long RoundUp(long v, long a) => (v + a - 1) / a * a;
 
-    /// <summary>A run of clusters being copied: its bits are already clear; writers to it wait for <see cref="Done"/>.</summary>
+    /// <summary>
+    /// A run of clusters being read for a copy: its bits are already clear; writers to it wait for
+    /// <see cref="Done"/>, which is set once its old data is safe (read into memory) or the copy ended.
+    /// </summary>
     private sealed class InFlight(long start, long end)
     {
         public long Start { get; } = start;
         public long End { get; } = end;
+        public bool Released { get; set; }
         public TaskCompletionSource Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
     }
 
     /// <summary>
     /// Copies the still-dirty clusters of [start, end) (cluster-aligned start): claims them (clears their
     /// bits, records them in flight), copies, and waits for copies of the range others have in flight.
-    /// A failed copy puts its bits back. Returns the bytes this call copied.
+    /// A failed copy puts its bits back. Returns the bytes this call copied (or handed to a deferred write).
     /// </summary>
     private async ValueTask<long> CopyAsync(long start, long end, bool fromJob)
     {
@@ -259,24 +298,19 @@ public sealed class BackupJob : Job, IWriteObserver
                     pos = e.End;
                 }
             }
-            var i = 0;
             try
             {
-                for (; i < mine.Count; i++)
+                foreach (var f in mine)
                 {
-                    var f = mine[i];
-                    await CopyExtentAsync(f.Start, f.End, fromJob).ConfigureAwait(false);
-                    var bytes = Math.Min(f.End, _s.Source.Length) - f.Start;
-                    AddProgress(bytes);
-                    total += bytes;
-                    Release(f, copied: true);
+                    total += await CopyClaimedAsync(f, fromJob).ConfigureAwait(false);
                 }
             }
             finally
             {
-                for (; i < mine.Count; i++)
+                // What a failure left unread goes back to the copy bitmap (no-op for what ended).
+                foreach (var f in mine)
                 {
-                    Release(mine[i], copied: false);
+                    Release(f, putBack: true);
                 }
             }
             if (others is null)
@@ -288,15 +322,170 @@ public sealed class BackupJob : Job, IWriteObserver
             {
                 return total;
             }
-            // A guest write: check again, another copy of the range may have failed.
+            // A guest write: check again, another copy of the range may have failed before reading.
         }
     }
 
-    private void Release(InFlight f, bool copied)
+    /// <summary>
+    /// Copies one claimed run: reads its old data, then writes it to the target. Writers waiting for the
+    /// run may go on as soon as the data is in memory when the write that follows cannot lose it: the
+    /// job's own copies and deferred guest copies write under the job's error policy (retry, or the job
+    /// fails and the sync bitmap keeps the bits). A guest copy that cannot be deferred (memory cap, or
+    /// sync=none, where nothing else reports target errors) writes inline, and a failure fails the guest
+    /// write with its data untouched.
+    /// </summary>
+    private async ValueTask<long> CopyClaimedAsync(InFlight f, bool fromJob)
+    {
+        var length = _s.Source.Length;
+        var end = Math.Min(f.End, length);
+        var size = (int)(end - f.Start);
+        var buffer = System.Buffers.ArrayPool<byte>.Shared.Rent(size);
+        var handedOff = false;
+        try
+        {
+            var zeros = await CaptureAsync(f.Start, end, length, buffer, fromJob).ConfigureAwait(false);
+            if (fromJob)
+            {
+                Release(f, putBack: false);
+                try
+                {
+                    await WriteCapturedAsync(f.Start, end, buffer, zeros, fromJob: true).ConfigureAwait(false);
+                }
+                catch
+                {
+                    // The job fails (or was cancelled): a bitmap-mode=always bitmap must keep these bits.
+                    PutBack(f.Start, f.End);
+                    throw;
+                }
+                AddProgress(size);
+                return size;
+            }
+            if (_s.Sync != BackupSyncMode.None && TryReserveDeferred(size))
+            {
+                Release(f, putBack: false);
+                handedOff = true;
+                _ = WriteDeferredAsync(f.Start, f.End, buffer, zeros);
+                return size;
+            }
+            await WriteCapturedAsync(f.Start, end, buffer, zeros, fromJob: false).ConfigureAwait(false);
+            AddProgress(size);
+            Release(f, putBack: false);
+            return size;
+        }
+        finally
+        {
+            if (!handedOff)
+            {
+                System.Buffers.ArrayPool<byte>.Shared.Return(buffer);
+            }
+        }
+    }
+
+    /// <summary>Counts a deferred guest copy against the memory cap; false when it would exceed it.</summary>
+    private bool TryReserveDeferred(int size)
     {
         lock (_claim)
         {
-            if (!copied)
+            if (_deferredBytes + size > MaxDeferredBytes || _cbwOff)
+            {
+                return false;
+            }
+            _deferredBytes += size;
+            _deferred++;
+            return true;
+        }
+    }
+
+    /// <summary>
+    /// The target write of a guest copy whose data is already in memory, run after the guest write went
+    /// on. It follows the job's error policy; when it fails for good, the job fails (see
+    /// <see cref="ThrowIfDeferredFailed"/>) and the run's bits go back to the copy bitmap, so a
+    /// bitmap-mode=always bitmap keeps them.
+    /// </summary>
+    private async Task WriteDeferredAsync(long start, long clusterEnd, byte[] buffer, List<(long Offset, long Length)>? zeros)
+    {
+        var end = Math.Min(clusterEnd, _s.Source.Length);
+        var size = (int)(end - start);
+        try
+        {
+            // Let the guest write go on now, whatever the target write does synchronously.
+            await Task.Yield();
+            await WriteCapturedAsync(start, end, buffer, zeros, fromJob: true).ConfigureAwait(false);
+            AddProgress(size);
+        }
+#pragma warning disable CA1031 // Recorded and reported as the job's failure.
+        catch (Exception ex)
+#pragma warning restore CA1031
+        {
+            lock (_claim)
+            {
+                _copy.Set(start, clusterEnd - start);
+                if (ex is not OperationCanceledException)
+                {
+                    _deferredFailure ??= ex;
+                }
+            }
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<byte>.Shared.Return(buffer);
+            TaskCompletionSource? drained = null;
+            lock (_claim)
+            {
+                _deferredBytes -= size;
+                if (--_deferred == 0)
+                {
+                    drained = _deferredDrained;
+                    _deferredDrained = null;
+                }
+            }
+            drained?.TrySetResult();
+        }
+    }
+
+    /// <summary>Completes when no deferred guest copy is writing.</summary>
+    private Task DeferredDrained()
+    {
+        lock (_claim)
+        {
+            return _deferred == 0
+                ? Task.CompletedTask
+                : (_deferredDrained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+        }
+    }
+
+    private void ThrowIfDeferredFailed()
+    {
+        Exception? failure;
+        lock (_claim)
+        {
+            failure = _deferredFailure;
+        }
+        if (failure is not null)
+        {
+            throw failure as JobFailedException ?? new JobFailedException(Describe(failure), failure);
+        }
+    }
+
+    private void PutBack(long start, long end)
+    {
+        lock (_claim)
+        {
+            _copy.Set(start, end - start);
+        }
+    }
+
+    /// <summary>Ends a claim: it no longer needs waiting for; with <paramref name="putBack"/>, its bits are dirty again.</summary>
+    private void Release(InFlight f, bool putBack)
+    {
+        lock (_claim)
+        {
+            if (f.Released)
+            {
+                return;
+            }
+            f.Released = true;
+            if (putBack)
             {
                 _copy.Set(f.Start, f.End - f.Start);
             }
@@ -306,35 +495,18 @@ public sealed class BackupJob : Job, IWriteObserver
         f.Done.TrySetResult();
     }
 
-    private async ValueTask CopyExtentAsync(long start, long end, bool fromJob)
-    {
-        var length = _s.Source.Length;
-        end = Math.Min(end, length);
-        var rented = System.Buffers.ArrayPool<byte>.Shared.Rent((int)Math.Min(_maxChunk, end - start));
-        try
-        {
-            await CopyExtentCoreAsync(start, end, length, rented, fromJob).ConfigureAwait(false);
-        }
-        finally
-        {
-            System.Buffers.ArrayPool<byte>.Shared.Return(rented);
-        }
-    }
-
     /// <summary>
-    /// Copies [start, end) in chunks: a chunk the source reports as zeros (whole clusters) becomes one
-    /// write-zeroes without reading; otherwise the chunk is read at once and written as runs of data
-    /// clusters and runs of all-zero clusters (write-zeroes), so the target gets zero clusters, not data.
+    /// Reads [start, end) into <paramref name="buffer"/> (at start's place) in chunks. A chunk the source
+    /// reports as zeros (whole clusters, or up to the end of the disk) is not read: it is returned as a
+    /// zero run instead. Read errors follow the job's policy for the job's copies and fail a guest copy.
     /// </summary>
-    private async ValueTask CopyExtentCoreAsync(long start, long end, long length, byte[] buffer, bool fromJob)
+    private async ValueTask<List<(long Offset, long Length)>?> CaptureAsync(long start, long end, long length, byte[] buffer, bool fromJob)
     {
+        List<(long Offset, long Length)>? zeros = null;
         var pos = start;
-        // The target is known to read as zeros on [pos, targetZeroEnd) (see SkipZeroesAsync).
-        var targetZeroEnd = pos;
         while (pos < end)
         {
             var max = (int)Math.Min(end - pos, _maxChunk);
-            var zeroRun = 0L;
             while (true)
             {
                 var epoch = Volatile.Read(ref _errorEpoch);
@@ -343,11 +515,14 @@ public sealed class BackupJob : Job, IWriteObserver
                     var st = await _s.Source.GetBlockStatusAsync(pos, max).ConfigureAwait(false);
                     if (st.IsZero && (st.Length >= _cluster || pos + st.Length >= length))
                     {
-                        zeroRun = pos + st.Length >= end ? end - pos : st.Length / _cluster * _cluster;
+                        var run = pos + st.Length >= end ? end - pos : st.Length / _cluster * _cluster;
+                        (zeros ??= []).Add((pos, run));
+                        pos += run;
                     }
                     else
                     {
-                        await _s.Source.ReadAsync(pos, buffer.AsMemory(0, max)).ConfigureAwait(false);
+                        await _s.Source.ReadAsync(pos, buffer.AsMemory((int)(pos - start), max)).ConfigureAwait(false);
+                        pos += max;
                     }
                     break;
                 }
@@ -356,32 +531,51 @@ public sealed class BackupJob : Job, IWriteObserver
                     await OnErrorAsync(ex, isRead: true, epoch).ConfigureAwait(false);
                 }
             }
-            if (zeroRun > 0)
+        }
+        return zeros;
+    }
+
+    /// <summary>
+    /// Writes what <see cref="CaptureAsync"/> read: zero runs as write-zeroes, and the data as runs of
+    /// data clusters and runs of all-zero clusters (write-zeroes), so the target gets zero clusters, not data.
+    /// </summary>
+    private async ValueTask WriteCapturedAsync(long start, long end, byte[] buffer, List<(long Offset, long Length)>? zeros, bool fromJob)
+    {
+        var pos = start;
+        var z = 0;
+        // The target is known to read as zeros on [pos, targetZeroEnd) (see WriteZeroRunAsync).
+        var targetZeroEnd = pos;
+        while (pos < end)
+        {
+            if (zeros is not null && z < zeros.Count && zeros[z].Offset == pos)
             {
-                targetZeroEnd = await WriteZeroRunAsync(pos, zeroRun, targetZeroEnd, fromJob).ConfigureAwait(false);
-                pos += zeroRun;
+                targetZeroEnd = await WriteZeroRunAsync(pos, zeros[z].Length, targetZeroEnd, fromJob).ConfigureAwait(false);
+                pos += zeros[z].Length;
+                z++;
                 continue;
             }
-            var i = 0;
-            while (i < max)
+            var dataEnd = zeros is not null && z < zeros.Count ? zeros[z].Offset : end;
+            var limit = (int)(dataEnd - start);
+            var i = (int)(pos - start);
+            while (i < limit)
             {
-                var zero = IsZero(buffer, i, max);
-                var j = i + (int)Math.Min(_cluster, max - i);
-                while (j < max && IsZero(buffer, j, max) == zero)
+                var zero = IsZero(buffer, i, limit);
+                var j = i + (int)Math.Min(_cluster, limit - i);
+                while (j < limit && j - i < _maxChunk && IsZero(buffer, j, limit) == zero)
                 {
-                    j += (int)Math.Min(_cluster, max - j);
+                    j += (int)Math.Min(_cluster, limit - j);
                 }
                 if (zero)
                 {
-                    targetZeroEnd = await WriteZeroRunAsync(pos + i, j - i, targetZeroEnd, fromJob).ConfigureAwait(false);
+                    targetZeroEnd = await WriteZeroRunAsync(start + i, j - i, targetZeroEnd, fromJob).ConfigureAwait(false);
                 }
                 else
                 {
-                    await WriteTargetAsync(pos + i, buffer.AsMemory(i, j - i), j - i, fromJob).ConfigureAwait(false);
+                    await WriteTargetAsync(start + i, buffer.AsMemory(i, j - i), j - i, fromJob).ConfigureAwait(false);
                 }
                 i = j;
             }
-            pos += max;
+            pos = dataEnd;
         }
     }
 
@@ -462,6 +656,11 @@ public sealed class BackupJob : Job, IWriteObserver
     /// </summary>
     private async ValueTask OnErrorAsync(Exception error, bool isRead, int epoch)
     {
+        // A cancelled job stops retrying (ignore, or stop then resumed would retry forever).
+        if (IsCancelled)
+        {
+            throw new OperationCanceledException("job cancelled", error);
+        }
         await _errorGate.WaitAsync().ConfigureAwait(false);
         try
         {
@@ -500,7 +699,12 @@ public sealed class BackupJob : Job, IWriteObserver
             pending = [.. _inFlight.Select(f => f.Done.Task)];
         }
         await Task.WhenAll(pending).ConfigureAwait(false);
+        await DeferredDrained().ConfigureAwait(false);
         _s.Source.RemoveWriteObserver(this);
+        if (!IsCancelled)
+        {
+            ThrowIfDeferredFailed();
+        }
     }
 
     protected override void Commit()
@@ -545,6 +749,7 @@ public sealed class BackupJob : Job, IWriteObserver
         {
             return ValueTask.CompletedTask;
         }
+        Volatile.Write(ref _lastGuestWrite, Environment.TickCount64);
         var end = Math.Min(RoundUp(offset + length, _cluster), _copy.Size);
         // Bits are cleared when a copy claims them, before it is done: also look at copies in flight.
         if (offset >= end || (_copy.NextDirty(offset, end - offset) < 0 && Volatile.Read(ref _inFlightCount) == 0))

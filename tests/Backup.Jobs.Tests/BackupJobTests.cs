@@ -67,6 +67,72 @@ public class BackupJobTests
     }
 
     [Fact]
+    public async Task Guest_writes_go_on_once_the_old_data_is_in_memory_not_written()
+    {
+        var src = new ByteNode(32 * MiB, "src");
+        await Fill(src, 0, 32 * MiB, 0x34);
+        var before = src.Snapshot();
+        var gate = new TaskCompletionSource();
+        var tgt = new ByteNode(32 * MiB, "tgt") { WriteGate = gate.Task };
+        Start(src, tgt, BackupSyncMode.Full);
+        // The job has read its first chunks and waits for the target.
+        await WaitUntil(() => tgt.WritesStarted > 0);
+        // Into a chunk the job is copying, and into one nobody has read yet: neither waits for the target.
+        await Fill(src, 100, 10, 0x35).WaitAsync(TimeSpan.FromSeconds(10));
+        await Fill(src, 20 * MiB + 4096, 8192, 0x36).WaitAsync(TimeSpan.FromSeconds(10));
+        _log.Sequence("j1").Should().Be("created running");
+        gate.SetResult();
+        await Done();
+        _log.Sequence("j1").Should().EndWith("BLOCK_JOB_COMPLETED concluded null");
+        tgt.Snapshot().Should().Equal(before);
+        _log.Value("BLOCK_JOB_COMPLETED", "len").Should().Be(32L * MiB);
+    }
+
+    [Fact]
+    public async Task A_deferred_target_write_that_fails_fails_the_job_and_keeps_the_bits()
+    {
+        var src = new ByteNode(32 * MiB, "src");
+        var b0 = src.GetDirtyBitmaps().Add("b0");
+        await Fill(src, 0, 32 * MiB, 0x37);
+        var gate = new TaskCompletionSource();
+        var tgt = new ByteNode(32 * MiB, "tgt") { WriteGate = gate.Task, FailWritesAt = 20 * MiB + 65536 };
+        Start(src, tgt, BackupSyncMode.Bitmap, bitmap: b0, mode: BitmapSyncMode.Always);
+        await WaitUntil(() => tgt.WritesStarted > 0);
+        // The guest write succeeds; the copy of its chunk's old data fails later, at the target.
+        await Fill(src, 20 * MiB + 65536, 4096, 0x38).WaitAsync(TimeSpan.FromSeconds(10));
+        gate.SetResult();
+        await Done();
+        _log.Sequence("j1").Should().Be("created running BLOCK_JOB_ERROR aborting BLOCK_JOB_COMPLETED concluded null");
+        _log.Value("BLOCK_JOB_COMPLETED", "error").Should().Be("Input/output error");
+        b0.Busy.Should().BeFalse();
+        b0.Bits.Get(20 * MiB + 65536).Should().BeTrue();
+    }
+
+    [Fact]
+    public async Task Bitmap_mode_always_keeps_a_chunk_whose_target_write_failed()
+    {
+        var src = new ByteNode(4 * MiB, "src");
+        var b0 = src.GetDirtyBitmaps().Add("b0");
+        await Fill(src, 0, 4 * MiB, 0x39);
+        var tgt = new ByteNode(4 * MiB, "tgt") { FailWritesAt = 2 * MiB };
+        Start(src, tgt, BackupSyncMode.Bitmap, bitmap: b0, mode: BitmapSyncMode.Always);
+        await Done();
+        _log.Value("BLOCK_JOB_COMPLETED", "error").Should().Be("Input/output error");
+        // What was copied is clear; the failed chunk is not.
+        b0.Bits.Get(2 * MiB).Should().BeTrue();
+        b0.Count.Should().BeLessThan(4L * MiB);
+    }
+
+    private static async Task WaitUntil(Func<bool> condition)
+    {
+        for (var i = 0; !condition(); i++)
+        {
+            i.Should().BeLessThan(1000, "the condition should hold within 10 s");
+            await Task.Delay(10);
+        }
+    }
+
+    [Fact]
     public async Task Incremental_copies_the_bitmap_and_clears_it()
     {
         var src = new ByteNode(4 * MiB, "src");

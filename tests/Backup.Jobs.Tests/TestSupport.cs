@@ -19,6 +19,17 @@ internal sealed class ByteNode : BlockNode
     /// <summary>When set, every write fails with this errno.</summary>
     public int FailWrites { get; set; }
 
+    /// <summary>When set, writes that cover this offset fail with EIO.</summary>
+    public long? FailWritesAt { get; set; }
+
+    /// <summary>When set, writes wait for it to complete before they do anything.</summary>
+    public Task? WriteGate { get; set; }
+
+    /// <summary>Writes that reached the node (including those still waiting for <see cref="WriteGate"/>).</summary>
+    public int WritesStarted => Volatile.Read(ref _writesStarted);
+
+    private int _writesStarted;
+
     public byte[] Snapshot() => (byte[])_data.Clone();
 
     public override string DriverName => "raw";
@@ -36,31 +47,38 @@ internal sealed class ByteNode : BlockNode
         return ValueTask.CompletedTask;
     }
 
-    protected override ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken)
+    protected override async ValueTask WriteCoreAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken)
     {
-        Fail();
+        await BeforeWriteAsync(offset, data.Length);
         lock (_data)
         {
             data.Span.CopyTo(_data.AsSpan((int)offset));
         }
-        return ValueTask.CompletedTask;
     }
 
-    protected override ValueTask WriteZeroesCoreAsync(long offset, long length, WriteFlags flags, CancellationToken cancellationToken)
+    protected override async ValueTask WriteZeroesCoreAsync(long offset, long length, WriteFlags flags, CancellationToken cancellationToken)
     {
-        Fail();
+        await BeforeWriteAsync(offset, length);
         lock (_data)
         {
             _data.AsSpan((int)offset, (int)length).Clear();
         }
-        return ValueTask.CompletedTask;
     }
 
-    private void Fail()
+    private async ValueTask BeforeWriteAsync(long offset, long length)
     {
+        Interlocked.Increment(ref _writesStarted);
+        if (WriteGate is { } gate)
+        {
+            await gate;
+        }
         if (FailWrites != 0)
         {
             throw new IOException("injected", FailWrites);
+        }
+        if (FailWritesAt is { } at && offset <= at && at < offset + length)
+        {
+            throw new IOException("injected", 5);
         }
     }
 

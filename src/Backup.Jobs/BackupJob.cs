@@ -171,24 +171,27 @@ public sealed class BackupJob : Job, IWriteObserver
                 {
                     // Guest copies still reading or writing may yet fail and put bits back: wait for
                     // them, then look again (copies that failed and were retried may have put bits back).
-                    Task? pending;
+                    Task? pending = null;
+                    bool idle;
                     lock (_claim)
                     {
-                        pending = _copy.NextDirty(0, length) >= 0 ? null
-                            : _inFlight.Count > 0 ? Task.WhenAny(_inFlight.Select(f => f.Done.Task))
-                            : _deferred > 0 ? (_deferredDrained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task
-                            : Task.CompletedTask;
-                    }
-                    if (pending is null || !pending.IsCompleted)
-                    {
-                        if (pending is not null)
+                        idle = _copy.NextDirty(0, length) < 0 && _inFlight.Count == 0 && _deferred == 0;
+                        if (!idle && _copy.NextDirty(0, length) < 0)
                         {
-                            await pending.WaitAsync(cancellationToken).ConfigureAwait(false);
+                            pending = _inFlight.Count > 0 ? Task.WhenAny(_inFlight.Select(f => f.Done.Task))
+                                : (_deferredDrained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
                         }
-                        offset = 0;
-                        continue;
                     }
-                    break;
+                    if (idle)
+                    {
+                        break;
+                    }
+                    if (pending is not null)
+                    {
+                        await pending.WaitAsync(cancellationToken).ConfigureAwait(false);
+                    }
+                    offset = 0;
+                    continue;
                 }
                 var done = await Task.WhenAny(running).ConfigureAwait(false);
                 running.Remove(done);
@@ -290,12 +293,14 @@ public sealed class BackupJob : Job, IWriteObserver
                 var pos = start;
                 while (pos < end && _copy.NextDirtyExtent(pos, end - pos) is { } e)
                 {
-                    var f = new InFlight(e.Offset, e.End);
+                    // One claim is one buffer: a guest zero or discard may span gigabytes.
+                    var claimEnd = Math.Min(e.End, e.Offset + _maxChunk);
+                    var f = new InFlight(e.Offset, claimEnd);
                     _inFlight.Add(f);
                     Volatile.Write(ref _inFlightCount, _inFlight.Count);
-                    _copy.Reset(e.Offset, e.Length);
+                    _copy.Reset(e.Offset, claimEnd - e.Offset);
                     mine.Add(f);
-                    pos = e.End;
+                    pos = claimEnd;
                 }
             }
             try
@@ -362,9 +367,9 @@ public sealed class BackupJob : Job, IWriteObserver
             }
             if (_s.Sync != BackupSyncMode.None && TryReserveDeferred(size))
             {
-                Release(f, putBack: false);
                 handedOff = true;
-                _ = WriteDeferredAsync(f.Start, f.End, buffer, zeros);
+                _ = WriteDeferredAsync(f.Start, f.End, size, buffer, zeros);
+                Release(f, putBack: false);
                 return size;
             }
             await WriteCapturedAsync(f.Start, end, buffer, zeros, fromJob: false).ConfigureAwait(false);
@@ -402,10 +407,9 @@ public sealed class BackupJob : Job, IWriteObserver
     /// <see cref="ThrowIfDeferredFailed"/>) and the run's bits go back to the copy bitmap, so a
     /// bitmap-mode=always bitmap keeps them.
     /// </summary>
-    private async Task WriteDeferredAsync(long start, long clusterEnd, byte[] buffer, List<(long Offset, long Length)>? zeros)
+    private async Task WriteDeferredAsync(long start, long clusterEnd, int size, byte[] buffer, List<(long Offset, long Length)>? zeros)
     {
-        var end = Math.Min(clusterEnd, _s.Source.Length);
-        var size = (int)(end - start);
+        var end = start + size;
         try
         {
             // Let the guest write go on now, whatever the target write does synchronously.
@@ -420,7 +424,7 @@ public sealed class BackupJob : Job, IWriteObserver
             lock (_claim)
             {
                 _copy.Set(start, clusterEnd - start);
-                if (ex is not OperationCanceledException)
+                if (!IsCancelled)
                 {
                     _deferredFailure ??= ex;
                 }
@@ -526,7 +530,7 @@ public sealed class BackupJob : Job, IWriteObserver
                     }
                     break;
                 }
-                catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
+                catch (Exception ex) when (fromJob && (ex is not OperationCanceledException || !IsCancelled))
                 {
                     await OnErrorAsync(ex, isRead: true, epoch).ConfigureAwait(false);
                 }
@@ -642,7 +646,7 @@ public sealed class BackupJob : Job, IWriteObserver
                 }
                 return;
             }
-            catch (Exception ex) when (fromJob && ex is not OperationCanceledException)
+            catch (Exception ex) when (fromJob && (ex is not OperationCanceledException || !IsCancelled))
             {
                 await OnErrorAsync(ex, isRead: false, epoch).ConfigureAwait(false);
             }
@@ -664,6 +668,11 @@ public sealed class BackupJob : Job, IWriteObserver
         await _errorGate.WaitAsync().ConfigureAwait(false);
         try
         {
+            // Again: the cancel may have come while this copy queued behind a handler paused by 'stop'.
+            if (IsCancelled)
+            {
+                throw new OperationCanceledException("job cancelled", error);
+            }
             if (_failed)
             {
                 throw new JobFailedException(Describe(error), error);

@@ -89,6 +89,25 @@ public class BackupJobTests
     }
 
     [Fact]
+    public async Task A_guest_zero_write_over_many_chunks_is_copied_before_in_bounded_pieces()
+    {
+        var src = new ByteNode(48 * MiB, "src");
+        await Fill(src, 0, 48 * MiB, 0x3a);
+        var before = src.Snapshot();
+        var gate = new TaskCompletionSource();
+        var tgt = new ByteNode(48 * MiB, "tgt") { WriteGate = gate.Task };
+        Start(src, tgt, BackupSyncMode.Full);
+        await WaitUntil(() => tgt.WritesStarted > 0);
+        // 40 MiB of old data fits in the memory held for deferred copies: the guest does not wait.
+        await src.WriteZeroesAsync(4 * MiB, 40 * MiB).AsTask().WaitAsync(TimeSpan.FromSeconds(10));
+        gate.SetResult();
+        await Done();
+        _log.Sequence("j1").Should().EndWith("BLOCK_JOB_COMPLETED concluded null");
+        tgt.Snapshot().Should().Equal(before);
+        _log.Value("BLOCK_JOB_COMPLETED", "len").Should().Be(48L * MiB);
+    }
+
+    [Fact]
     public async Task A_deferred_target_write_that_fails_fails_the_job_and_keeps_the_bits()
     {
         var src = new ByteNode(32 * MiB, "src");

@@ -69,42 +69,42 @@ public class BackupJobTests
     [Fact]
     public async Task Guest_writes_go_on_once_the_old_data_is_in_memory_not_written()
     {
-        var src = new ByteNode(32 * MiB, "src");
-        await Fill(src, 0, 32 * MiB, 0x34);
-        var before = src.Snapshot();
-        var gate = new TaskCompletionSource();
-        var tgt = new ByteNode(32 * MiB, "tgt") { WriteGate = gate.Task };
-        Start(src, tgt, BackupSyncMode.Full);
-        // The job has read its first chunks and waits for the target.
-        await WaitUntil(() => tgt.WritesStarted > 0);
+        var (src, tgt, before, gate) = await StartFullIntoBlockedTarget(32 * MiB);
         // Into a chunk the job is copying, and into one nobody has read yet: neither waits for the target.
         await Fill(src, 100, 10, 0x35).WaitAsync(TimeSpan.FromSeconds(10));
         await Fill(src, 20 * MiB + 4096, 8192, 0x36).WaitAsync(TimeSpan.FromSeconds(10));
         _log.Sequence("j1").Should().Be("created running");
+        await UnblockAndExpectTheStartInstant(tgt, before, gate);
+    }
+
+    /// <summary>A full backup of a filled source into a target whose writes wait, once the job has read its first chunks.</summary>
+    private async Task<(ByteNode Src, ByteNode Tgt, byte[] Before, TaskCompletionSource Gate)> StartFullIntoBlockedTarget(int size)
+    {
+        var src = new ByteNode(size, "src");
+        await Fill(src, 0, size, 0x34);
+        var gate = new TaskCompletionSource();
+        var tgt = new ByteNode(size, "tgt") { WriteGate = gate.Task };
+        Start(src, tgt, BackupSyncMode.Full);
+        await WaitUntil(() => tgt.WritesStarted > 0);
+        return (src, tgt, src.Snapshot(), gate);
+    }
+
+    private async Task UnblockAndExpectTheStartInstant(ByteNode tgt, byte[] before, TaskCompletionSource gate)
+    {
         gate.SetResult();
         await Done();
         _log.Sequence("j1").Should().EndWith("BLOCK_JOB_COMPLETED concluded null");
         tgt.Snapshot().Should().Equal(before);
-        _log.Value("BLOCK_JOB_COMPLETED", "len").Should().Be(32L * MiB);
+        _log.Value("BLOCK_JOB_COMPLETED", "len").Should().Be(before.LongLength);
     }
 
     [Fact]
     public async Task A_guest_zero_write_over_many_chunks_is_copied_before_in_bounded_pieces()
     {
-        var src = new ByteNode(48 * MiB, "src");
-        await Fill(src, 0, 48 * MiB, 0x3a);
-        var before = src.Snapshot();
-        var gate = new TaskCompletionSource();
-        var tgt = new ByteNode(48 * MiB, "tgt") { WriteGate = gate.Task };
-        Start(src, tgt, BackupSyncMode.Full);
-        await WaitUntil(() => tgt.WritesStarted > 0);
+        var (src, tgt, before, gate) = await StartFullIntoBlockedTarget(48 * MiB);
         // 40 MiB of old data fits in the memory held for deferred copies: the guest does not wait.
         await src.WriteZeroesAsync(4 * MiB, 40 * MiB).AsTask().WaitAsync(TimeSpan.FromSeconds(10));
-        gate.SetResult();
-        await Done();
-        _log.Sequence("j1").Should().EndWith("BLOCK_JOB_COMPLETED concluded null");
-        tgt.Snapshot().Should().Equal(before);
-        _log.Value("BLOCK_JOB_COMPLETED", "len").Should().Be(48L * MiB);
+        await UnblockAndExpectTheStartInstant(tgt, before, gate);
     }
 
     [Fact]

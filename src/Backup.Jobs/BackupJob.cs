@@ -158,6 +158,7 @@ public sealed class BackupJob : Job, IWriteObserver
             while (true)
             {
                 await PausePointAsync().ConfigureAwait(false);
+                ThrowIfDeferredFailed();
                 var extent = offset < length ? _copy.NextDirtyExtent(offset, length - offset) : null;
                 if (extent is { } e && running.Count < WorkersNow())
                 {
@@ -166,7 +167,6 @@ public sealed class BackupJob : Job, IWriteObserver
                     offset = end;
                     continue;
                 }
-                ThrowIfDeferredFailed();
                 if (running.Count == 0)
                 {
                     // Guest copies still reading or writing may yet fail and put bits back: wait for
@@ -178,8 +178,7 @@ public sealed class BackupJob : Job, IWriteObserver
                         idle = _copy.NextDirty(0, length) < 0 && _inFlight.Count == 0 && _deferred == 0;
                         if (!idle && _copy.NextDirty(0, length) < 0)
                         {
-                            pending = _inFlight.Count > 0 ? Task.WhenAny(_inFlight.Select(f => f.Done.Task))
-                                : (_deferredDrained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+                            pending = _inFlight.Count > 0 ? Task.WhenAny(_inFlight.Select(f => f.Done.Task)) : DeferredDrainedLocked();
                         }
                     }
                     if (idle)
@@ -421,13 +420,15 @@ public sealed class BackupJob : Job, IWriteObserver
         catch (Exception ex)
 #pragma warning restore CA1031
         {
+            // One step: the job loop must not see the bits back without the failure and copy the
+            // chunk again from a source the guest has changed since.
             lock (_claim)
             {
-                _copy.Set(start, clusterEnd - start);
                 if (!IsCancelled)
                 {
                     _deferredFailure ??= ex;
                 }
+                _copy.Set(start, clusterEnd - start);
             }
         }
         finally
@@ -452,11 +453,13 @@ public sealed class BackupJob : Job, IWriteObserver
     {
         lock (_claim)
         {
-            return _deferred == 0
-                ? Task.CompletedTask
-                : (_deferredDrained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+            return DeferredDrainedLocked();
         }
     }
+
+    private Task DeferredDrainedLocked() => _deferred == 0
+        ? Task.CompletedTask
+        : (_deferredDrained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
 
     private void ThrowIfDeferredFailed()
     {

@@ -172,13 +172,15 @@ public sealed class BackupJob : Job, IWriteObserver
                     // Guest copies still reading or writing may yet fail and put bits back: wait for
                     // them, then look again (copies that failed and were retried may have put bits back).
                     Task? pending = null;
-                    bool idle;
+                    var idle = false;
                     lock (_claim)
                     {
-                        idle = _copy.NextDirty(0, length) < 0 && _inFlight.Count == 0 && _deferred == 0;
-                        if (!idle && _copy.NextDirty(0, length) < 0)
+                        // Decided under the lock: nothing dirty, nothing being read, nothing being written.
+                        if (_copy.NextDirty(0, length) < 0)
                         {
-                            pending = _inFlight.Count > 0 ? Task.WhenAny(_inFlight.Select(f => f.Done.Task)) : DeferredDrainedLocked();
+                            idle = _inFlight.Count == 0 && _deferred == 0;
+                            pending = _inFlight.Count > 0 ? Task.WhenAny(_inFlight.Select(f => f.Done.Task))
+                                : idle ? null : DeferredDrainedLocked();
                         }
                     }
                     if (idle)
@@ -463,12 +465,7 @@ public sealed class BackupJob : Job, IWriteObserver
 
     private void ThrowIfDeferredFailed()
     {
-        Exception? failure;
-        lock (_claim)
-        {
-            failure = _deferredFailure;
-        }
-        if (failure is not null)
+        if (Volatile.Read(ref _deferredFailure) is { } failure)
         {
             throw failure as JobFailedException ?? new JobFailedException(Describe(failure), failure);
         }
@@ -663,15 +660,11 @@ public sealed class BackupJob : Job, IWriteObserver
     /// </summary>
     private async ValueTask OnErrorAsync(Exception error, bool isRead, int epoch)
     {
-        // A cancelled job stops retrying (ignore, or stop then resumed would retry forever).
-        if (IsCancelled)
-        {
-            throw new OperationCanceledException("job cancelled", error);
-        }
         await _errorGate.WaitAsync().ConfigureAwait(false);
         try
         {
-            // Again: the cancel may have come while this copy queued behind a handler paused by 'stop'.
+            // A cancelled job stops retrying (ignore, or stop then resumed, would retry forever); the
+            // cancel may also have come while this copy queued behind a handler paused by 'stop'.
             if (IsCancelled)
             {
                 throw new OperationCanceledException("job cancelled", error);
@@ -761,7 +754,12 @@ public sealed class BackupJob : Job, IWriteObserver
         {
             return ValueTask.CompletedTask;
         }
-        Volatile.Write(ref _lastGuestWrite, Environment.TickCount64);
+        // Only when the millisecond changed: every guest write passes here, and a store dirties the cache line.
+        var now = Environment.TickCount64;
+        if (Volatile.Read(ref _lastGuestWrite) != now)
+        {
+            Volatile.Write(ref _lastGuestWrite, now);
+        }
         var end = Math.Min(RoundUp(offset + length, _cluster), _copy.Size);
         // Bits are cleared when a copy claims them, before it is done: also look at copies in flight.
         if (offset >= end || (_copy.NextDirty(offset, end - offset) < 0 && Volatile.Read(ref _inFlightCount) == 0))

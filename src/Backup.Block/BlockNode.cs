@@ -321,6 +321,37 @@ public abstract class BlockNode : IAsyncDisposable
         GC.SuppressFinalize(this);
     }
 
+    // ------------------------------------------------------------------ debugging hooks (blkdebug)
+
+    /// <summary>
+    /// Raises a blkdebug event on this node (QEMU's BLKDBG_EVENT on a child): a format calls it on its
+    /// file child before the step the event names; only a node that overrides
+    /// <see cref="OnDebugEventAsync"/> (blkdebug) reacts. It may pause the caller (a breakpoint), hence async.
+    /// </summary>
+    public ValueTask DebugEventAsync(BlkdebugEvent ev) => OnDebugEventAsync(ev);
+
+    protected virtual ValueTask OnDebugEventAsync(BlkdebugEvent ev) => ValueTask.CompletedTask;
+
+    /// <summary>
+    /// The child whose data this node presents or stores (QEMU's bdrv_primary_bs): a filter's filtered
+    /// child, a format's file. Debug requests (breakpoints) walk down this edge.
+    /// </summary>
+    public virtual BlockNode? PrimaryChild =>
+        Children.FirstOrDefault(c => c.Role is "file" or "image")?.Node;
+
+    /// <summary>The first node on the primary-child path from here that takes breakpoints, or null (ENOTSUP).</summary>
+    public IDebugBreakpoints? FindDebugBreakpoints()
+    {
+        for (var n = this; n is not null; n = n.PrimaryChild)
+        {
+            if (n is IDebugBreakpoints b)
+            {
+                return b;
+            }
+        }
+        return null;
+    }
+
     // ------------------------------------------------------------------ observers and users
 
     /// <summary>Write observers, in the order they were added.</summary>

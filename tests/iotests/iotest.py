@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from qmplib import QmpClient, QmpError
+from qmplib import QmpClient, QmpError, QmpTimeout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -250,9 +250,21 @@ class Daemon:
         as it comes, for tests that act on one (resume after an error)."""
         stories = {job: [] for job in job_ids}
         gone = set()
+        # A job the daemon refused to start would be waited for in vain: the reply to query-jobs comes
+        # after every event already sent, so a job that has come and gone is in the queue.
+        running = {job["id"] for job in self.command("query-jobs")}
+        queued = {e.get("data", {}).get("id") for e in self.client.events if e["event"] == "JOB_STATUS_CHANGE"}
+        for job in job_ids:
+            if job not in running and job not in queued:
+                log(f"job {job}: no such job")
+                gone.add(job)
         deadline = time.monotonic() + timeout
         while gone != set(job_ids):
-            event = self._next_event(deadline)
+            try:
+                event = self._next_event(deadline)
+            except TimeoutError:
+                log(f"jobs {sorted(set(job_ids) - gone)} did not end within {timeout} s")
+                break
             data = event.get("data", {})
             job = data.get("id") if event["event"] == "JOB_STATUS_CHANGE" else data.get("device")
             if job not in stories:
@@ -280,7 +292,10 @@ class Daemon:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("job did not end in time")
-        return self.client.wait_event_any(left)
+        try:
+            return self.client.wait_event_any(left)
+        except QmpTimeout as e:
+            raise TimeoutError(str(e)) from e
 
     # Guest I/O through the NBD export -------------------------------------------
 

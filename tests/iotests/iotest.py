@@ -279,6 +279,8 @@ class Daemon:
             if on_event:
                 on_event(event)
         for job in job_ids:
+            if not stories[job]:
+                continue
             log(f"job {job}:")
             for entry in _without_drains(stories[job]):
                 log(f"  {entry if isinstance(entry, str) else _sorted_json(entry)}")

@@ -230,6 +230,15 @@ class Daemon:
         """A command that must succeed, not logged: its value."""
         return self.client.command(command, arguments)
 
+    def quiet(self, command, arguments=None):
+        """A command whose success is not logged; an error is, and the test goes on (so a missing
+        feature shows as one added line, not as a test that stops)."""
+        reply = self.client.execute(command, arguments)
+        if "error" in reply:
+            log(f"{command} failed: {reply['error'].get('desc')}")
+            return None
+        return reply["return"]
+
     def bitmaps(self, node):
         """The node's named dirty bitmaps, by name (nameless ones, a job's, are left out)."""
         for info in self.command("query-named-block-nodes", {"flat": True}):

@@ -339,10 +339,14 @@ class Daemon:
 
 
 def _without_drains(story):
+    """The story without the pause/resume pairs of drained sections; a pause after an error that
+    stopped the job is real and stays."""
     out = []
     i = 0
     while i < len(story):
-        if story[i] == "paused" and i + 1 < len(story) and story[i + 1] == "running":
+        stopped_by_error = i > 0 and isinstance(story[i - 1], dict) and \
+            story[i - 1].get("BLOCK_JOB_ERROR", {}).get("action") == "stop"
+        if story[i] == "paused" and i + 1 < len(story) and story[i + 1] == "running" and not stopped_by_error:
             i += 2
             continue
         out.append(story[i])

@@ -183,7 +183,7 @@ public sealed class BlockGraph
         }
     }
 
-    /// <summary>Takes out a filter added with <see cref="InsertFilter"/>; its child stays. A filter holds no state to close.</summary>
+    /// <summary>Takes out a filter added with <see cref="InsertFilter"/>; its children stay. The caller ends what the filter holds.</summary>
     public void RemoveFilter(BlockNode filter)
     {
         ArgumentNullException.ThrowIfNull(filter);
@@ -333,6 +333,12 @@ public sealed class BlockGraph
 
     private void CheckRemovable(BlockNode node)
     {
+        // A job's block (a backup target, also a child of the job's filter) is an op blocker in QEMU,
+        // checked before the node's other users.
+        if (node.IsJobTarget && node.BusyReason is { } jobReason)
+        {
+            throw new BlockException($"Node '{node.NodeName}' is busy: {jobReason}");
+        }
         if (_parents[node].Count > 0)
         {
             throw new BlockException($"Block device {node.NodeName} is in use");

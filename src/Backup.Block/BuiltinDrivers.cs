@@ -12,5 +12,6 @@ public static class BuiltinDrivers
         new RawDriver(),
         new Drivers.Qcow2.Qcow2Driver(),
         new Drivers.Blkdebug.BlkdebugDriver(),
+        new Drivers.CopyBeforeWrite.CopyBeforeWriteDriver(),
     ];
 }

@@ -1,5 +1,6 @@
 using Backup.Block;
 using Backup.Block.Bitmaps;
+using Backup.Block.Copy;
 using Backup.Block.Drivers.CopyBeforeWrite;
 using Backup.Block.Drivers.Qcow2;
 
@@ -208,7 +209,16 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         }
         // QEMU appends the filter (bdrv_cbw_append) before it creates the job, so a bad filter name is
         // reported before a bad job id.
-        var filter = graph.InsertFilter(r.FilterNodeName, source, context => new CopyBeforeWriteNode(context, source));
+        var copyOptions = new BlockCopyOptions
+        {
+            MinClusterSize = r.MinClusterSize ?? 0,
+            MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
+            Compress = r.Compress,
+            // The job lets guest writes copy once it has taken its point in time.
+            StartInactive = true,
+        };
+        var filter = (CopyBeforeWriteNode)graph.InsertFilter(r.FilterNodeName, source,
+            context => new CopyBeforeWriteNode(context, source, target, new BlockCopy(source, target, copyOptions)));
         try
         {
             jobs.CheckNewId(r.JobId);
@@ -221,12 +231,13 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         catch
         {
             graph.RemoveFilter(filter);
+            filter.Detach();
             throw;
         }
     }
 
     private BackupJob CreateJob(BackupRequest r, BlockNode source, BlockNode target, Func<ValueTask>? release, string sync,
-        DirtyBitmap? bitmap, BitmapSyncMode mode, BlockNode filter)
+        DirtyBitmap? bitmap, BitmapSyncMode mode, CopyBeforeWriteNode filter)
     {
         var speed = r.Speed ?? 0;
         var job = new BackupJob(jobs, new JobSettings(r.JobId!, r.AutoFinalize, r.AutoDismiss, speed), new BackupSettings

@@ -34,6 +34,7 @@ internal static partial class LibC
     public const int EINVAL = 22;
     public const int ENOSPC = 28;
     public const int EROFS = 30;
+    public const int ETIMEDOUT = 110;
     public const int ENXIO = 6;
     public const int EOPNOTSUPP = 95;
 
@@ -154,6 +155,7 @@ internal static partial class LibC
         EIO => "Input/output error",
         EEXIST => "File exists",
         EOPNOTSUPP => "Operation not supported",
+        ETIMEDOUT => "Connection timed out",
         _ => Marshal.PtrToStringUTF8(StrError(errno)) ?? $"errno {errno}",
     };
 

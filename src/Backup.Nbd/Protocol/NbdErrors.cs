@@ -21,6 +21,7 @@ internal static class NbdErrors
     private const int ENOTSUP = 95;
     private const int EDQUOT = 122;
     private const int ESHUTDOWN = 108;
+    private const int ETIMEDOUT = 110;
 
     /// <summary>Maps an exception from the block layer (or our own code) to the NBD error sent to the client.</summary>
     public static uint ToNbdError(Exception exception) => exception switch
@@ -48,6 +49,8 @@ internal static class NbdErrors
         ENOTSUP => NbdWire.NBD_ENOTSUP,
         ESHUTDOWN => NbdWire.NBD_ESHUTDOWN,
         EIO => NbdWire.NBD_EIO,
+        // QEMU's server sends EINVAL for what the protocol has no code for; a copy-before-write timeout is one.
+        ETIMEDOUT => NbdWire.NBD_EINVAL,
         _ => NbdWire.NBD_EIO,
     };
 

@@ -1,0 +1,700 @@
+using System.Buffers;
+using Backup.Block.Bitmaps;
+
+namespace Backup.Block.Copy;
+
+/// <summary>How a <see cref="BlockCopy"/> cuts its work (QEMU's block-copy parameters).</summary>
+public sealed record BlockCopyOptions
+{
+    /// <summary>x-perf min-cluster-size: the copy unit is at least this (a power of two); 0 for none.</summary>
+    public long MinClusterSize { get; init; }
+
+    /// <summary>The largest claim and buffer (x-perf max-chunk); 0 for the default of 1 MiB.</summary>
+    public int MaxChunk { get; init; }
+
+    /// <summary>Write data clusters compressed (the target supports it: checked before).</summary>
+    public bool Compress { get; init; }
+
+    /// <summary>
+    /// No guest copies until <see cref="BlockCopy.Activate"/>: a job inserts its filter, then takes its
+    /// point in time (freezes its bitmap, sets what to copy) and only then lets guest writes copy.
+    /// </summary>
+    public bool StartInactive { get; init; }
+}
+
+/// <summary>
+/// What a job that drives a <see cref="BlockCopy"/> adds to it: the error policy of its background
+/// copies, progress, and whether guest copies may hand their target write to the background.
+/// </summary>
+public interface IBlockCopyOwner
+{
+    /// <summary>Moves when an error was handled; a copy that failed under an older epoch just retries.</summary>
+    int ErrorEpoch { get; }
+
+    bool IsCancelled { get; }
+
+    /// <summary>
+    /// A background copy's read or write failed. Returns to retry it; throws to give up (the copy's
+    /// bits go back to the copy bitmap). <paramref name="epoch"/> is <see cref="ErrorEpoch"/> before the attempt.
+    /// </summary>
+    ValueTask OnErrorAsync(Exception error, bool isRead, int epoch);
+
+    /// <summary>Bytes copied (by the owner's copies, guest copies and deferred writes alike).</summary>
+    void OnProgress(long bytes);
+
+    /// <summary>
+    /// True when a guest copy may return once its old data is in memory and write it to the target in the
+    /// background: a failure of that write is the owner's to report (<see cref="BlockCopy.DeferredFailure"/>).
+    /// </summary>
+    bool DeferGuestCopies { get; }
+}
+
+/// <summary>
+/// Copies ranges of a source node to a target node under a copy bitmap (QEMU's block/block-copy.c), for
+/// the copy-before-write filter (guest copies, before a guest write changes the data) and the backup job
+/// (background copies over what is left). The copy bitmap (anonymous, on the source, one bit per cluster of
+/// max(64 KiB, target cluster, min-cluster-size)) says what is still to copy. A copy claims its clusters
+/// (clears their bits) under a lock and records them in flight; a guest write to a claimed cluster waits
+/// for that copy, so each cluster is copied once. A claim is at most one chunk, so a guest zero-write over
+/// gigabytes holds bounded buffers. A claim lasts until the old data is in memory, not until it is on the
+/// target: when the owner allows it, a guest copy hands the target write to the background (at most 64 MiB
+/// held; beyond that it writes inline). Chunks that read as zeros become write-zeroes, skipped where a
+/// target without backing already reads as zeros; data clusters can go compressed. A failed copy puts its
+/// bits back.
+/// </summary>
+public sealed class BlockCopy : IDisposable
+{
+    private const int DefaultChunk = 1 << 20;
+    private const int MaxChunkCap = 64 << 20;
+
+    /// <summary>Old data held in memory for deferred guest copies; beyond it a guest write waits for its copy.</summary>
+    private const long MaxDeferredBytes = 64 << 20;
+
+    private readonly BlockNode _source;
+    private readonly BlockNode _target;
+    private readonly DirtyBitmap _copyBitmap;
+    private readonly HBitmap _copy;
+    private readonly long _cluster;
+    private readonly int _maxChunk;
+    private readonly bool _compress;
+    /// <summary>The target has no backing node, so where it reads as zeros nothing below can show through.</summary>
+    private readonly bool _targetReadsZeroInit;
+    private readonly Lock _claim = new();
+    private readonly List<InFlight> _inFlight = [];
+    private int _inFlightCount;
+    private IBlockCopyOwner? _owner;
+    private volatile bool _guestCopiesOff;
+    /// <summary>When a guest copy was last asked for (Environment.TickCount64).</summary>
+    private long _lastGuestWrite = long.MinValue / 2;
+    /// <summary>Guest copies whose target write runs after the guest write went on, and their bytes (under _claim).</summary>
+    private int _deferred;
+    private long _deferredBytes;
+    private TaskCompletionSource? _deferredDrained;
+    /// <summary>The first deferred target write that failed for good: the owner fails with it.</summary>
+    private Exception? _deferredFailure;
+    private bool _disposed;
+    private bool _stopped;
+
+    /// <summary>
+    /// A copy state from <paramref name="source"/> to <paramref name="target"/>: everything is to copy, or
+    /// only what <paramref name="bitmap"/> marks (QEMU's block_copy_state_new with a bitmap).
+    /// </summary>
+    public BlockCopy(BlockNode source, BlockNode target, BlockCopyOptions? options = null, HBitmap? bitmap = null)
+    {
+        ArgumentNullException.ThrowIfNull(source);
+        ArgumentNullException.ThrowIfNull(target);
+        options ??= new BlockCopyOptions();
+        _source = source;
+        _target = target;
+        _cluster = ClusterSizeFor(target, options.MinClusterSize);
+        _maxChunk = (int)Math.Max(_cluster, options.MaxChunk > 0 ? Math.Min(options.MaxChunk, MaxChunkCap) : DefaultChunk);
+        _maxChunk -= (int)(_maxChunk % _cluster);
+        _compress = options.Compress;
+        _guestCopiesOff = options.StartInactive;
+        _targetReadsZeroInit = !target.Children.Any(c => c.Role == "backing");
+        _copyBitmap = source.GetDirtyBitmaps().CreateAnonymous(_cluster, enabled: false);
+        _copy = _copyBitmap.Bits;
+        if (bitmap is null)
+        {
+            _copy.SetAll();
+        }
+        else
+        {
+            SetDirtyFrom(bitmap);
+        }
+    }
+
+    /// <summary>The copy unit: max(64 KiB, the target's cluster size, min-cluster-size), as QEMU's block-copy.</summary>
+    public static long ClusterSizeFor(BlockNode target, long minClusterSize = 0)
+    {
+        ArgumentNullException.ThrowIfNull(target);
+        return Math.Max(Math.Max(65536, target.GetImageInfo().ClusterSize ?? 0), minClusterSize);
+    }
+
+    public BlockNode Source => _source;
+
+    public BlockNode Target => _target;
+
+    public long ClusterSize => _cluster;
+
+    /// <summary>The largest claim (whole clusters).</summary>
+    public int MaxChunk => _maxChunk;
+
+    /// <summary>
+    /// What is still to copy. Read it freely; the owner's final decisions (bitmap completion) read it once
+    /// no copy runs any more.
+    /// </summary>
+    public HBitmap CopyBitmap => _copy;
+
+    /// <summary>Bytes still to copy (whole clusters).</summary>
+    public long DirtyBytes => _copy.DirtyByteCount;
+
+    /// <summary>When a guest write last asked for a copy (Environment.TickCount64).</summary>
+    public long LastGuestWriteTicks => Volatile.Read(ref _lastGuestWrite);
+
+    /// <summary>The first deferred target write that failed for good, or null.</summary>
+    public Exception? DeferredFailure => Volatile.Read(ref _deferredFailure);
+
+    /// <summary>Gives the copy an owner (the backup job); set once, before any copy runs.</summary>
+    public void Attach(IBlockCopyOwner owner)
+    {
+        ArgumentNullException.ThrowIfNull(owner);
+        if (Interlocked.CompareExchange(ref _owner, owner, null) is not null)
+        {
+            throw new InvalidOperationException("the block copy already has an owner");
+        }
+    }
+
+    /// <summary>Lets guest writes copy (for a copy made with <see cref="BlockCopyOptions.StartInactive"/>), unless stopped since.</summary>
+    public void Activate()
+    {
+        lock (_claim)
+        {
+            if (!_disposed && !_stopped)
+            {
+                _guestCopiesOff = false;
+            }
+        }
+    }
+
+    /// <summary>Makes the copy bitmap exactly the bits of <paramref name="bitmap"/> (any granularity).</summary>
+    public void SetDirtyFrom(HBitmap bitmap)
+    {
+        ArgumentNullException.ThrowIfNull(bitmap);
+        lock (_claim)
+        {
+            _copy.Clear();
+            foreach (var e in bitmap.DirtyExtents())
+            {
+                _copy.Set(e.Offset, Math.Min(e.Length, _copy.Size - e.Offset));
+            }
+        }
+    }
+
+    /// <summary>Nothing to copy in [offset, offset + length) any more (whole clusters; claimed ones are already clear).</summary>
+    public void Reset(long offset, long length)
+    {
+        lock (_claim)
+        {
+            _copy.Reset(offset, length);
+        }
+    }
+
+    /// <summary>The next run still to copy at or after <paramref name="offset"/>, within <paramref name="length"/> bytes.</summary>
+    public BitmapExtent? NextDirtyExtent(long offset, long length) => _copy.NextDirtyExtent(offset, length);
+
+    /// <summary>
+    /// True when nothing is left: nothing dirty, nothing being read, nothing being written in the background.
+    /// Otherwise <paramref name="pending"/> completes when something changed (a copy in flight ended, or the
+    /// deferred writes drained), or is null when there are dirty bits to copy now.
+    /// </summary>
+    public bool IsIdle(out Task? pending)
+    {
+        lock (_claim)
+        {
+            pending = null;
+            if (_copy.NextDirty(0, _copy.Size) >= 0)
+            {
+                return false;
+            }
+            if (_inFlight.Count > 0)
+            {
+                pending = Task.WhenAny(_inFlight.Select(f => f.Done.Task));
+                return false;
+            }
+            if (_deferred > 0)
+            {
+                pending = DeferredDrainedLocked();
+                return false;
+            }
+            return true;
+        }
+    }
+
+    // ------------------------------------------------------------------ copies
+
+    /// <summary>
+    /// A background copy of the still-dirty clusters of [start, end) (cluster-aligned start). Errors go to
+    /// the owner's policy. Returns the bytes this call copied.
+    /// </summary>
+    public ValueTask<long> CopyAsync(long start, long end) => CopyRangeAsync(start, end, background: true);
+
+    /// <summary>
+    /// Saves the old data of the clusters under [offset, offset + length) before a guest write changes
+    /// them (copy-before-write). Completes once that data is safe: on the target, or in memory with a
+    /// deferred target write. Throws when the copy failed (its clusters stay to copy).
+    /// </summary>
+    public ValueTask CopyBeforeWriteAsync(long offset, long length)
+    {
+        if (_guestCopiesOff || length <= 0)
+        {
+            return ValueTask.CompletedTask;
+        }
+        // Only when the millisecond changed: every guest write passes here, and a store dirties the cache line.
+        var now = Environment.TickCount64;
+        if (Volatile.Read(ref _lastGuestWrite) != now)
+        {
+            Volatile.Write(ref _lastGuestWrite, now);
+        }
+        var end = Math.Min(RoundUp(offset + length, _cluster), _copy.Size);
+        // Bits are cleared when a copy claims them, before it is done: also look at copies in flight.
+        if (offset >= end || (_copy.NextDirty(offset, end - offset) < 0 && Volatile.Read(ref _inFlightCount) == 0))
+        {
+            return ValueTask.CompletedTask;
+        }
+        var start = offset / _cluster * _cluster;
+        return new ValueTask(CopyRangeAsync(start, end, background: false).AsTask());
+    }
+
+    /// <summary>
+    /// No guest copies from now on; completes when the copies in flight and the deferred target writes
+    /// have ended. The owner's own copies are its to stop.
+    /// </summary>
+    public async Task StopGuestCopiesAsync()
+    {
+        Task[] pending;
+        lock (_claim)
+        {
+            _guestCopiesOff = true;
+            _stopped = true;
+            pending = [.. _inFlight.Select(f => f.Done.Task)];
+        }
+        await Task.WhenAll(pending).ConfigureAwait(false);
+        await DeferredDrained().ConfigureAwait(false);
+    }
+
+    /// <summary>Marks [start, end) to copy again (a failed copy of the owner's).</summary>
+    public void PutBack(long start, long end)
+    {
+        lock (_claim)
+        {
+            _copy.Set(start, Math.Min(end, _copy.Size) - start);
+        }
+    }
+
+    private static long RoundUp(long v, long a) => (v + a - 1) / a * a;
+
+    /// <summary>
+    /// A run of clusters being read for a copy: its bits are already clear; writers to it wait for
+    /// <see cref="Done"/>, which is set once its old data is safe (read into memory) or the copy ended.
+    /// </summary>
+    private sealed class InFlight(long start, long end)
+    {
+        public long Start { get; } = start;
+        public long End { get; } = end;
+        public bool Released { get; set; }
+        public TaskCompletionSource Done { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    }
+
+    /// <summary>
+    /// Copies the still-dirty clusters of [start, end): claims them, copies, and waits for copies of the
+    /// range others have in flight. A failed copy puts its bits back. Returns the bytes this call copied
+    /// (or handed to a deferred write).
+    /// </summary>
+    private async ValueTask<long> CopyRangeAsync(long start, long end, bool background)
+    {
+        var total = 0L;
+        while (true)
+        {
+            var mine = new List<InFlight>();
+            // Only allocated when another copy overlaps (rare for background copies, which take disjoint ranges).
+            List<Task>? others = null;
+            lock (_claim)
+            {
+                if (!background && _guestCopiesOff)
+                {
+                    return total;
+                }
+                foreach (var f in _inFlight)
+                {
+                    if (f.Start < end && f.End > start)
+                    {
+                        (others ??= []).Add(f.Done.Task);
+                    }
+                }
+                var pos = start;
+                while (pos < end && _copy.NextDirtyExtent(pos, end - pos) is { } e)
+                {
+                    // One claim is one buffer: a guest zero or discard may span gigabytes.
+                    var claimEnd = Math.Min(e.End, e.Offset + _maxChunk);
+                    var f = new InFlight(e.Offset, claimEnd);
+                    _inFlight.Add(f);
+                    Volatile.Write(ref _inFlightCount, _inFlight.Count);
+                    _copy.Reset(e.Offset, claimEnd - e.Offset);
+                    mine.Add(f);
+                    pos = claimEnd;
+                }
+            }
+            try
+            {
+                foreach (var f in mine)
+                {
+                    total += await CopyClaimedAsync(f, background).ConfigureAwait(false);
+                }
+            }
+            finally
+            {
+                // What a failure left unread goes back to the copy bitmap (no-op for what ended).
+                foreach (var f in mine)
+                {
+                    Release(f, putBack: true);
+                }
+            }
+            if (others is null)
+            {
+                return total;
+            }
+            await Task.WhenAll(others).ConfigureAwait(false);
+            if (background)
+            {
+                return total;
+            }
+            // A guest write: check again, another copy of the range may have failed before reading.
+        }
+    }
+
+    /// <summary>
+    /// Copies one claimed run: reads its old data, then writes it to the target. Writers waiting for the
+    /// run may go on as soon as the data is in memory when the write that follows cannot lose it: the
+    /// owner's copies and deferred guest copies write under the owner's error policy (retry, or the owner
+    /// fails and keeps the bits). A guest copy that cannot be deferred (no owner that allows it, or the
+    /// memory cap) writes inline, and a failure fails the guest write with its data untouched.
+    /// </summary>
+    private async ValueTask<long> CopyClaimedAsync(InFlight f, bool background)
+    {
+        var length = _source.Length;
+        var end = Math.Min(f.End, length);
+        var size = (int)(end - f.Start);
+        var buffer = ArrayPool<byte>.Shared.Rent(size);
+        var handedOff = false;
+        try
+        {
+            var zeros = await CaptureAsync(f.Start, end, length, buffer, background).ConfigureAwait(false);
+            if (background)
+            {
+                Release(f, putBack: false);
+                try
+                {
+                    await WriteCapturedAsync(f.Start, end, buffer, zeros, background: true).ConfigureAwait(false);
+                }
+                catch
+                {
+                    // The owner fails (or was cancelled): a bitmap-mode=always bitmap must keep these bits.
+                    PutBack(f.Start, f.End);
+                    throw;
+                }
+                _owner?.OnProgress(size);
+                return size;
+            }
+            if (TryReserveDeferred(size))
+            {
+                handedOff = true;
+                _ = WriteDeferredAsync(f.Start, f.End, size, buffer, zeros);
+                Release(f, putBack: false);
+                return size;
+            }
+            await WriteCapturedAsync(f.Start, end, buffer, zeros, background: false).ConfigureAwait(false);
+            _owner?.OnProgress(size);
+            Release(f, putBack: false);
+            return size;
+        }
+        finally
+        {
+            if (!handedOff)
+            {
+                ArrayPool<byte>.Shared.Return(buffer);
+            }
+        }
+    }
+
+    /// <summary>Counts a deferred guest copy against the memory cap; false when it would exceed it or the owner does not defer.</summary>
+    private bool TryReserveDeferred(int size)
+    {
+        if (_owner is not { DeferGuestCopies: true })
+        {
+            return false;
+        }
+        lock (_claim)
+        {
+            if (_deferredBytes + size > MaxDeferredBytes || _guestCopiesOff)
+            {
+                return false;
+            }
+            _deferredBytes += size;
+            _deferred++;
+            return true;
+        }
+    }
+
+    /// <summary>
+    /// The target write of a guest copy whose data is already in memory, run after the guest write went
+    /// on. It follows the owner's error policy; when it fails for good, <see cref="DeferredFailure"/> holds
+    /// the error and the run's bits go back to the copy bitmap, so a bitmap-mode=always bitmap keeps them.
+    /// </summary>
+    private async Task WriteDeferredAsync(long start, long clusterEnd, int size, byte[] buffer, List<(long Offset, long Length)>? zeros)
+    {
+        var end = start + size;
+        try
+        {
+            // Let the guest write go on now, whatever the target write does synchronously.
+            await Task.Yield();
+            await WriteCapturedAsync(start, end, buffer, zeros, background: true).ConfigureAwait(false);
+            _owner?.OnProgress(size);
+        }
+#pragma warning disable CA1031 // Recorded and reported as the owner's failure.
+        catch (Exception ex)
+#pragma warning restore CA1031
+        {
+            // One step: the owner's loop must not see the bits back without the failure and copy the
+            // chunk again from a source the guest has changed since.
+            lock (_claim)
+            {
+                if (_owner is not { IsCancelled: true })
+                {
+                    _deferredFailure ??= ex;
+                }
+                _copy.Set(start, clusterEnd - start);
+            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+            TaskCompletionSource? drained = null;
+            lock (_claim)
+            {
+                _deferredBytes -= size;
+                if (--_deferred == 0)
+                {
+                    drained = _deferredDrained;
+                    _deferredDrained = null;
+                }
+            }
+            drained?.TrySetResult();
+        }
+    }
+
+    /// <summary>Completes when no deferred guest copy is writing.</summary>
+    private Task DeferredDrained()
+    {
+        lock (_claim)
+        {
+            return DeferredDrainedLocked();
+        }
+    }
+
+    private Task DeferredDrainedLocked() => _deferred == 0
+        ? Task.CompletedTask
+        : (_deferredDrained ??= new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously)).Task;
+
+    /// <summary>Ends a claim: it no longer needs waiting for; with <paramref name="putBack"/>, its bits are dirty again.</summary>
+    private void Release(InFlight f, bool putBack)
+    {
+        lock (_claim)
+        {
+            if (f.Released)
+            {
+                return;
+            }
+            f.Released = true;
+            if (putBack)
+            {
+                _copy.Set(f.Start, f.End - f.Start);
+            }
+            _inFlight.Remove(f);
+            Volatile.Write(ref _inFlightCount, _inFlight.Count);
+        }
+        f.Done.TrySetResult();
+    }
+
+    private bool Retries(Exception ex, bool background) =>
+        background && _owner is { } o && (ex is not OperationCanceledException || !o.IsCancelled);
+
+    /// <summary>
+    /// Reads [start, end) into <paramref name="buffer"/> (at start's place) in chunks. A chunk the source
+    /// reports as zeros (whole clusters, or up to the end of the disk) is not read: it is returned as a
+    /// zero run instead. Read errors follow the owner's policy for background copies and fail a guest copy.
+    /// </summary>
+    private async ValueTask<List<(long Offset, long Length)>?> CaptureAsync(long start, long end, long length, byte[] buffer, bool background)
+    {
+        List<(long Offset, long Length)>? zeros = null;
+        var pos = start;
+        while (pos < end)
+        {
+            var max = (int)Math.Min(end - pos, _maxChunk);
+            while (true)
+            {
+                var epoch = _owner?.ErrorEpoch ?? 0;
+                try
+                {
+                    var st = await _source.GetBlockStatusAsync(pos, max).ConfigureAwait(false);
+                    if (st.IsZero && (st.Length >= _cluster || pos + st.Length >= length))
+                    {
+                        var run = pos + st.Length >= end ? end - pos : st.Length / _cluster * _cluster;
+                        (zeros ??= []).Add((pos, run));
+                        pos += run;
+                    }
+                    else
+                    {
+                        await _source.ReadAsync(pos, buffer.AsMemory((int)(pos - start), max)).ConfigureAwait(false);
+                        pos += max;
+                    }
+                    break;
+                }
+                catch (Exception ex) when (Retries(ex, background))
+                {
+                    await _owner!.OnErrorAsync(ex, isRead: true, epoch).ConfigureAwait(false);
+                }
+            }
+        }
+        return zeros;
+    }
+
+    /// <summary>
+    /// Writes what <see cref="CaptureAsync"/> read: zero runs as write-zeroes, and the data as runs of
+    /// data clusters and runs of all-zero clusters (write-zeroes), so the target gets zero clusters, not data.
+    /// </summary>
+    private async ValueTask WriteCapturedAsync(long start, long end, byte[] buffer, List<(long Offset, long Length)>? zeros, bool background)
+    {
+        var pos = start;
+        var z = 0;
+        // The target is known to read as zeros on [pos, targetZeroEnd) (see WriteZeroRunAsync).
+        var targetZeroEnd = pos;
+        while (pos < end)
+        {
+            if (zeros is not null && z < zeros.Count && zeros[z].Offset == pos)
+            {
+                targetZeroEnd = await WriteZeroRunAsync(pos, zeros[z].Length, targetZeroEnd, background).ConfigureAwait(false);
+                pos += zeros[z].Length;
+                z++;
+                continue;
+            }
+            var dataEnd = zeros is not null && z < zeros.Count ? zeros[z].Offset : end;
+            var limit = (int)(dataEnd - start);
+            var i = (int)(pos - start);
+            while (i < limit)
+            {
+                var zero = IsZero(buffer, i, limit);
+                var j = i + (int)Math.Min(_cluster, limit - i);
+                while (j < limit && j - i < _maxChunk && IsZero(buffer, j, limit) == zero)
+                {
+                    j += (int)Math.Min(_cluster, limit - j);
+                }
+                if (zero)
+                {
+                    targetZeroEnd = await WriteZeroRunAsync(start + i, j - i, targetZeroEnd, background).ConfigureAwait(false);
+                }
+                else
+                {
+                    await WriteTargetAsync(start + i, buffer.AsMemory(i, j - i), j - i, background).ConfigureAwait(false);
+                }
+                i = j;
+            }
+            pos = dataEnd;
+        }
+    }
+
+    /// <summary>
+    /// Makes [offset, offset + length) read as zeros on the target. Where a target without a backing
+    /// node already reads as zeros (a fresh image: nothing allocated), writing zero clusters would change
+    /// nothing a reader sees but costs the target a metadata update each; those parts are skipped. The
+    /// target's status is asked once per extent it reports, and stays valid while this copy runs: the
+    /// range is claimed by it, and only this copy state writes there.
+    /// Returns the new end of the range known to read as zeros on the target.
+    /// </summary>
+    private async ValueTask<long> WriteZeroRunAsync(long offset, long length, long targetZeroEnd, bool background)
+    {
+        var end = offset + length;
+        while (offset < end)
+        {
+            if (_targetReadsZeroInit && offset >= targetZeroEnd)
+            {
+                var st = await _target.GetBlockStatusAsync(offset, _target.Length - offset).ConfigureAwait(false);
+                targetZeroEnd = st.IsZero ? offset + st.Length : offset;
+                if (targetZeroEnd == offset)
+                {
+                    // Not zero here: write zeroes up to where the target's next extent starts.
+                    var n = Math.Min(end - offset, Math.Max(st.Length, 1));
+                    await WriteTargetAsync(offset, null, n, background).ConfigureAwait(false);
+                    offset += n;
+                    continue;
+                }
+            }
+            if (_targetReadsZeroInit && offset < targetZeroEnd)
+            {
+                offset = Math.Min(end, targetZeroEnd);
+                continue;
+            }
+            await WriteTargetAsync(offset, null, end - offset, background).ConfigureAwait(false);
+            return targetZeroEnd;
+        }
+        return targetZeroEnd;
+    }
+
+    private bool IsZero(byte[] buffer, int offset, int limit) =>
+        buffer.AsSpan(offset, (int)Math.Min(_cluster, limit - offset)).IndexOfAnyExcept((byte)0) < 0;
+
+    /// <summary>Writes data (or zeros when <paramref name="data"/> is null) to the target under the error policy.</summary>
+    private async ValueTask WriteTargetAsync(long offset, ReadOnlyMemory<byte>? data, long length, bool background)
+    {
+        while (true)
+        {
+            var epoch = _owner?.ErrorEpoch ?? 0;
+            try
+            {
+                if (data is { } d && _compress)
+                {
+                    // Whole clusters of data go to the target deflated; zeros stay zero clusters (above).
+                    await _target.WriteCompressedAsync(offset, d).ConfigureAwait(false);
+                }
+                else if (data is { } d2)
+                {
+                    await _target.WriteAsync(offset, d2).ConfigureAwait(false);
+                }
+                else
+                {
+                    await _target.WriteZeroesAsync(offset, length).ConfigureAwait(false);
+                }
+                return;
+            }
+            catch (Exception ex) when (Retries(ex, background))
+            {
+                await _owner!.OnErrorAsync(ex, isRead: false, epoch).ConfigureAwait(false);
+            }
+        }
+    }
+
+    /// <summary>Drops the copy bitmap. Call once no copy runs (after <see cref="StopGuestCopiesAsync"/> and the owner's copies ended).</summary>
+    public void Dispose()
+    {
+        lock (_claim)
+        {
+            if (_disposed)
+            {
+                return;
+            }
+            _disposed = true;
+            _guestCopiesOff = true;
+        }
+        _copyBitmap.Owner.Release(_copyBitmap);
+    }
+}

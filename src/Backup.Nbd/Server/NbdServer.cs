@@ -555,7 +555,8 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
         {
             throw new BlockException($"Export '{id}' is already shutting down");
         }
-        if (!hard && export.ConnectionCount > 0)
+        // Clients that have gone but whose connections have not wound down yet are dropped like hard mode's.
+        if (!hard && export.LiveConnectionCount > 0)
         {
             throw new BlockException($"export '{id}' still in use");
         }

@@ -21,7 +21,8 @@ public static class NodeInfo
             ["iops_wr"] = 0,
             ["ro"] = node.ReadOnly,
             ["node-name"] = node.NodeName,
-            ["backing_file_depth"] = BackingDepth(node),
+            // QEMU counts the depth while it walks the chain for backing-image, a walk flat skips: 0.
+            ["backing_file_depth"] = flat ? 0 : BackingDepth(node),
             ["drv"] = node.DriverName,
             ["iops"] = 0,
             ["bps_wr"] = 0,
@@ -66,7 +67,9 @@ public static class NodeInfo
     {
         var o = new JsonObject
         {
-            ["virtual-size"] = i.VirtualSize,
+            // QEMU keeps lengths in 512-byte sectors (bdrv_getlength), so an image file whose size is
+            // not a multiple of 512 (a fresh qcow2 file: 196616 bytes) shows the size rounded up.
+            ["virtual-size"] = (i.VirtualSize + 511) / 512 * 512,
             ["filename"] = i.Filename,
         };
         if (i.ClusterSize is { } cs)

@@ -12,5 +12,7 @@ public static class BuiltinDrivers
         new RawDriver(),
         new Drivers.Qcow2.Qcow2Driver(),
         new Drivers.Blkdebug.BlkdebugDriver(),
+        Drivers.Null.NullDriver.Co,
+        Drivers.Null.NullDriver.Aio,
     ];
 }

@@ -86,7 +86,29 @@ public sealed class FixtureDriverTests : IDisposable
             args.Add($"nbd+unix:///{node}?socket={NbdSocket}");
             var output = await Tool.RunAsync("qemu-io", [.. args]);
             output.Should().NotContain("failed");
-            (await qmp.ExecuteAsync("block-export-del", new { id = "w" })).Should().ContainKey("return");
+            await DeleteExportAsync("w");
+        }
+
+        /// <summary>
+        /// block-export-del right after the client left. backupd may still count the connection for a
+        /// moment ("still in use", a known difference of issue 14 handled elsewhere); this fixture test is
+        /// not about that, so it polls with a deadline.
+        /// </summary>
+        public async Task DeleteExportAsync(string id)
+        {
+            var deadline = DateTime.UtcNow.AddSeconds(10);
+            while (true)
+            {
+                var reply = await qmp.ExecuteAsync("block-export-del", new { id });
+                if (reply.ContainsKey("return"))
+                {
+                    break;
+                }
+                var desc = reply["error"]!["desc"]!.GetValue<string>();
+                desc.Should().EndWith("is still in use");
+                DateTime.UtcNow.Should().BeBefore(deadline, desc);
+                await Task.Delay(20);
+            }
             await WaitEventAsync("BLOCK_EXPORT_DELETED");
         }
 
@@ -202,8 +224,7 @@ public sealed class FixtureDriverTests : IDisposable
                 .Should().ContainKey("return");
             await s.RunAsync("block_resize", Resize("a", 8 * MiB));
             await s.RunAsync("block_resize", Resize("af", 8 * MiB));
-            (await s.Qmp.ExecuteAsync("block-export-del", new { id = "e" })).Should().ContainKey("return");
-            await s.WaitEventAsync("BLOCK_EXPORT_DELETED");
+            await s.DeleteExportAsync("e");
 
             await s.RunAsync("block_resize", Resize("a", 4 * MiB - 65536 - 1024));
             await s.RunAsync("block_resize", Resize("b", 3 * MiB + 512 * 1024 + 512));

@@ -449,16 +449,45 @@ public abstract class BlockNode : IAsyncDisposable
     /// </summary>
     protected virtual bool IsGrowable => false;
 
-    /// <summary>Changes the size of the node (image creation, qcow2 growing its file).</summary>
-    public ValueTask TruncateAsync(long length, CancellationToken cancellationToken = default)
+    /// <summary>QEMU's BDRV_MAX_LENGTH: the largest size a node can have (2^63 - 1 GiB).</summary>
+    public const long MaxLength = long.MaxValue & ~((1L << 30) - 1);
+
+    /// <summary>
+    /// Changes the size of the node: image creation, qcow2 growing its file, and <c>block_resize</c>
+    /// (QEMU's bdrv_co_truncate). The checks and their texts are QEMU's; the driver resizes (a filter
+    /// passes it to its child); then every dirty bitmap of the node follows the new size
+    /// (bdrv_dirty_bitmap_truncate: bits past a shrink are dropped, growth adds clean bits). A node's
+    /// parents read their size from it, so they see the new size at once. Callers that resize a node
+    /// under guest I/O quiesce it first.
+    /// </summary>
+    public async ValueTask TruncateAsync(long length, CancellationToken cancellationToken = default)
     {
-        CheckWritable();
         ArgumentOutOfRangeException.ThrowIfNegative(length);
-        return TruncateCoreAsync(length, cancellationToken);
+        if (length > MaxLength)
+        {
+            throw new BlockException($"offset({length}) exceeds maximum({MaxLength})");
+        }
+        if (ReadOnly)
+        {
+            throw new BlockException("Image is read-only");
+        }
+        await TruncateCoreAsync(length, cancellationToken).ConfigureAwait(false);
+        Bitmaps.BlockNodeBitmapExtensions.TryGetDirtyBitmaps(this)?.Truncate(Length);
     }
 
+    /// <summary>A filter resizes its child; other drivers that can resize override this.</summary>
     protected virtual ValueTask TruncateCoreAsync(long length, CancellationToken cancellationToken) =>
-        throw new BlockException($"Cannot resize node '{NodeName}': driver '{DriverName}' does not support it");
+        IsFilter && PrimaryChild is { } child
+            ? child.TruncateAsync(length, cancellationToken)
+            : throw new BlockException("Image format driver does not support resize");
+
+    /// <summary>
+    /// Whether this node lets others resize <paramref name="child"/> under it (QEMU's shared RESIZE
+    /// permission on the edge). Formats need their file's size fixed (qcow2's metadata, a raw window);
+    /// filters pass sizes through and do not mind. <c>block_resize</c> of a child whose parent says no
+    /// fails with QEMU's permission-conflict text.
+    /// </summary>
+    public virtual bool SharesResize(BlockChild child) => IsFilter;
 
     private void CheckRange(long offset, long length)
     {

@@ -101,7 +101,10 @@ public static class NodeInfo
         {
             o["backing-image"] = Image(bi, flat);
         }
-        o["dirty-flag"] = i.DirtyFlag;
+        if (i.DirtyFlag is { } dirty)
+        {
+            o["dirty-flag"] = dirty;
+        }
         return o;
     }
 }

@@ -75,6 +75,12 @@ internal sealed class BlkdebugNode : BlockNode
 
     public override IReadOnlyList<BlockChild> Children { get; }
 
+    /// <summary>Like QEMU's blkdebug: a resize goes to the image, which may be resized under the filter.</summary>
+    protected override ValueTask TruncateCoreAsync(long length, CancellationToken cancellationToken) =>
+        _image.TruncateAsync(length, cancellationToken);
+
+    public override bool SharesResize(BlockChild child) => true;
+
     internal void Fire(string ev)
     {
         lock (_active)

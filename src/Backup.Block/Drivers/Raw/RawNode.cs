@@ -24,6 +24,26 @@ public sealed class RawNode : BlockNode
 
     public override IReadOnlyList<BlockChild> Children { get; }
 
+    /// <summary>
+    /// QEMU's raw: a window with an explicit size cannot change; otherwise the file is resized to hold
+    /// the new size after the offset, and the node follows it.
+    /// </summary>
+    protected override ValueTask TruncateCoreAsync(long length, CancellationToken cancellationToken)
+    {
+        if (_size is not null)
+        {
+            throw new BlockException("Cannot resize fixed-size raw disks");
+        }
+        if (long.MaxValue - length < _offset)
+        {
+            throw new BlockException("Disk size too large for the chosen offset");
+        }
+        return _file.TruncateAsync(_offset + length, cancellationToken);
+    }
+
+    /// <summary>Only a raw node that is its whole file (QEMU's filtered child) lets the file be resized under it.</summary>
+    public override bool SharesResize(BlockChild child) => _offset == 0 && _size is null;
+
     protected override ValueTask ReadCoreAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken) =>
         _file.ReadAsync(_offset + offset, buffer, cancellationToken);
 

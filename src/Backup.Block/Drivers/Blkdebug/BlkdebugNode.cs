@@ -39,6 +39,15 @@ internal sealed class BlkdebugNode : BlockNode, IDebugBreakpoints
 
     public override long Length => _image.Length;
 
+    /// <summary>
+    /// A filter passes resizes to its image, and a format over it may write past the end to grow its file
+    /// (QEMU's filters forward truncate to their file child); the image itself decides what it allows.
+    /// </summary>
+    protected override bool IsGrowable => true;
+
+    protected override ValueTask TruncateCoreAsync(long length, CancellationToken cancellationToken) =>
+        _image.TruncateAsync(length, cancellationToken);
+
     public override IReadOnlyList<BlockChild> Children { get; }
 
     internal BlkdebugOptions Options => _options;

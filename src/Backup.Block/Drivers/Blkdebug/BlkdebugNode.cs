@@ -39,6 +39,9 @@ internal sealed class BlkdebugNode : BlockNode, IDebugBreakpoints
 
     public override long Length => _image.Length;
 
+    /// <summary>QEMU's blkdebug is a filter: queries count its image as the next layer (backing_file_depth 1).</summary>
+    public override bool IsFilter => true;
+
     /// <summary>
     /// A filter passes resizes to its image, and a format over it may write past the end to grow its file
     /// (QEMU's filters forward truncate to their file child); the image itself decides what it allows.

@@ -190,6 +190,27 @@ public sealed class BlkdebugNodeTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task A_config_file_drives_the_node_and_a_missing_one_fails_the_open_as_in_QSD()
+    {
+        var config = Path.Combine(_dir.FullName, "blkdebug.conf");
+        await File.WriteAllTextAsync(config, "[set-state]\nevent = \"write_aio\"\nstate = \"1\"\nnew_state = \"2\"\n\n"
+            + "[inject-error]\nevent = \"read_aio\"\nstate = \"2\"\nerrno = \"28\"\n");
+        var (top, debug) = await OpenAsync(new BlockOptions { ["config"] = config });
+        debug.Filename.Should().Be($"blkdebug:{config}:{Image}");
+        await top.ReadAsync(0, new byte[512]);
+        await top.WriteAsync(0, new byte[] { 1 });
+        (await FailsAsync(() => top.ReadAsync(0, new byte[512]).AsTask())).Message.Should().Be("No space left on device");
+
+        var missing = new BlockOptions
+        {
+            ["driver"] = "blkdebug", ["node-name"] = "m", ["config"] = Path.Combine(_dir.FullName, "nope.conf"),
+            ["image"] = new BlockOptions { ["driver"] = "file", ["filename"] = Image },
+        };
+        (await FluentActions.Awaiting(() => _graph.AddAsync(missing).AsTask()).Should().ThrowAsync<BlockException>())
+            .Which.Message.Should().Be("Could not read blkdebug config file: No such file or directory");
+    }
+
+    [Fact]
     public async Task Immediately_and_deferred_failures_both_fail_the_request_with_the_rules_errno()
     {
         var (top, _) = await OpenAsync(new BlockOptions

@@ -61,7 +61,7 @@ public static class NodeInfo
 
     /// <summary>The next layer down: the backing child, or a filter's file child (bdrv_filter_or_cow_bs).</summary>
     private static BlockNode? Backing(BlockNode node) =>
-        node.Children.FirstOrDefault(c => c.Role == (node.IsFilter ? "file" : "backing"))?.Node;
+        node.IsFilter ? node.PrimaryChild : node.Children.FirstOrDefault(c => c.Role == "backing")?.Node;
 
     private static JsonObject Image(ImageInfo i, bool flat)
     {

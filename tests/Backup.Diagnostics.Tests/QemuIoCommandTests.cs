@@ -249,4 +249,19 @@ public class QemuIoCommandTests
         sw.ElapsedMilliseconds.Should().BeGreaterThanOrEqualTo(15);
         m.Console.Stdout.Should().Be("Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- x\n1 MiB\n");
     }
+
+    [Fact]
+    public async Task Help_lists_the_commands_as_qemu_io_does()
+    {
+        var m = await TestMonitor.CreateAsync();
+        await m.QemuIoAsync("help");
+        await m.QemuIoAsync("help w");
+        await m.QemuIoAsync("? nosuch");
+        var lines = m.Console.Stdout.Split('\n');
+        lines[0].Should().Be("aio_flush -- completes all outstanding aio requests");
+        lines.Should().Contain("map  -- prints the allocated areas of a file").And.Contain("sleep -- waits for the given value in milliseconds");
+        m.Console.Stdout.Should().EndWith("\nUse 'help commandname' for extended help.\n" +
+            "w [-bcCfnquz] [-P pattern | -s source_file] off len -- writes a number of bytes at a specified offset\n" +
+            "command nosuch not found\n");
+    }
 }

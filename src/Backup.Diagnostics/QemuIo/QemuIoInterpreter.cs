@@ -18,7 +18,10 @@ public sealed class QemuIoInterpreter
         Console = console ?? throw new ArgumentNullException(nameof(console));
         Aio = aio ?? throw new ArgumentNullException(nameof(aio));
         IEnumerable<QemuIoCommandInfo> all =
-            [.. ReadCommands.All, .. WriteCommands.All, .. AioCommands.All, .. BlockCommands.All, .. DebugCommands.All];
+        [
+            .. ReadCommands.All, .. WriteCommands.All, .. AioCommands.All, .. BlockCommands.All, .. DebugCommands.All,
+            new("help", "?", 0, 1, "[command]", "help for one or all commands", NeedsWrite: false, Help),
+        ];
         foreach (var c in all)
         {
             _byName.Add(c.Name, c);
@@ -30,6 +33,32 @@ public sealed class QemuIoInterpreter
     }
 
     public IQemuIoConsole Console { get; }
+
+    /// <summary>help_f: one line per command, sorted by name, or the line of one command.</summary>
+    private ValueTask Help(QemuIoInvocation io)
+    {
+        if (io.Argv.Count == 1)
+        {
+            foreach (var c in _byName.Values.Distinct().OrderBy(c => c.Name, StringComparer.Ordinal))
+            {
+                io.Print(HelpLine(c.Name, c));
+            }
+            io.Print("\nUse 'help commandname' for extended help.\n");
+        }
+        else if (_byName.TryGetValue(io.Argv[1], out var one))
+        {
+            io.Print(HelpLine(io.Argv[1], one));
+        }
+        else
+        {
+            io.Print($"command {io.Argv[1]} not found\n");
+        }
+        return ValueTask.CompletedTask;
+    }
+
+    /// <summary>help_oneline: "name [args ]-- oneline" (no args, no space for them).</summary>
+    private static string HelpLine(string name, QemuIoCommandInfo c) =>
+        c.Args is null ? $"{name} -- {c.OneLine}\n" : $"{name} {c.Args} -- {c.OneLine}\n";
 
     public AioRequests Aio { get; }
 

@@ -176,11 +176,12 @@ internal static class BlockCommands
         {
             return;
         }
-        if (parsed.Operands.Count != 1)
+        if (parsed.Operands.Count == 0)
         {
             io.PrintUsage();
             return;
         }
+        // qemu-io 7.2 takes the first operand and ignores any more.
         if (!io.TryParseSize(parsed.Operands[0], out var length))
         {
             return;

@@ -128,6 +128,11 @@ public sealed class QemuIoFormTests : IAsyncLifetime
             "Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- 512x\n" +
             "write failed: Input/output error\n");
         _daemon.Stderr.Should().Contain("write: invalid option -- 'x'");
+        // A protocol node could grow, but qemu-io's BlockBackend refuses requests past its end first.
+        before = _daemon.Stdout.Length;
+        (await HmpAsync(Qmp, "qemu-io file0 \"write 2G 512\"")).Should().Be("");
+        await WaitForStdoutAsync(before, "write failed: Input/output error\n");
+        new FileInfo(Path.Combine(_dir, "disk.img")).Length.Should().Be(2L << 30);
         (await HmpAsync(Qmp, "qemu-io nosuch \"write 0 512\"")).Should().Be("Error: Cannot find device='' nor node-name='nosuch'\r\n");
         (await HmpAsync(Qmp, "qemu-io drive0 write 0 512")).Should().Be(
             "qemu-io: extraneous characters at the end of line\r\nTry \"help qemu-io\" for more information\r\n");

@@ -69,6 +69,7 @@ internal static class AioCommands
             var start = Stopwatch.GetTimestamp();
             try
             {
+                BackendRange.Check(node, offset, size);
                 await node.ReadAsync(offset, buffer.Memory).ConfigureAwait(false);
             }
             catch (Exception e) when (e is IOException or NotSupportedException or BlockException)
@@ -152,6 +153,7 @@ internal static class AioCommands
             var start = Stopwatch.GetTimestamp();
             try
             {
+                BackendRange.Check(node, offset, size);
                 if (zero)
                 {
                     await node.WriteZeroesAsync(offset, size, flags).ConfigureAwait(false);

@@ -47,6 +47,7 @@ internal static class BlockCommands
         var start = Stopwatch.GetTimestamp();
         try
         {
+            BackendRange.Check(io.Node, offset, bytes);
             await io.Node.DiscardAsync(offset, bytes, io.CancellationToken).ConfigureAwait(false);
         }
         catch (Exception e) when (e is IOException or NotSupportedException or BlockException)

@@ -99,6 +99,7 @@ internal static class ReadCommands
                 // backupd keeps no VM state in its images (QEMU: bdrv_load_vmstate on a driver without it).
                 throw new NotSupportedException();
             }
+            BackendRange.Check(io.Node, offset, count);
             await io.Node.ReadAsync(offset, buffer.Memory, io.CancellationToken).ConfigureAwait(false);
         }
         catch (Exception e) when (e is IOException or NotSupportedException or Block.BlockException)
@@ -160,6 +161,7 @@ internal static class ReadCommands
         var start = Stopwatch.GetTimestamp();
         try
         {
+            BackendRange.Check(io.Node, offset, size);
             await io.Node.ReadAsync(offset, buffer.Memory, io.CancellationToken).ConfigureAwait(false);
         }
         catch (Exception e) when (e is IOException or NotSupportedException or Block.BlockException)

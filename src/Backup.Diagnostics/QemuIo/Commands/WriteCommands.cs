@@ -106,6 +106,7 @@ internal static class WriteCommands
                     // backupd keeps no VM state in its images (QEMU: bdrv_save_vmstate on a driver without it).
                     throw new NotSupportedException();
                 }
+                BackendRange.Check(io.Node, offset, count);
                 if (zero)
                 {
                     await io.Node.WriteZeroesAsync(offset, count, flags, io.CancellationToken).ConfigureAwait(false);
@@ -176,6 +177,7 @@ internal static class WriteCommands
         var start = Stopwatch.GetTimestamp();
         try
         {
+            BackendRange.Check(io.Node, offset, size);
             await io.Node.WriteAsync(offset, buffer.Memory, fua ? WriteFlags.Fua : WriteFlags.None, io.CancellationToken).ConfigureAwait(false);
         }
         catch (Exception e) when (e is IOException or NotSupportedException or BlockException)

@@ -5,14 +5,14 @@ namespace Backup.Diagnostics.Hmp;
 /// <summary>A parsed <c>qemu-io [-d] device "command"</c> line, or what QEMU's monitor says about it.</summary>
 /// <param name="Reply">The monitor's text when the line is refused (its lines end in '\n'); null when parsed.</param>
 /// <param name="Stdout">What QEMU's HMP parser prints on the process stdout on the way (bad escapes, unterminated strings).</param>
-public sealed record HmpQemuIoLine(bool Qdev, string Device, string Command, string? Reply, string Stdout);
+internal sealed record HmpQemuIoLine(bool Qdev, string Device, string Command, string? Reply, string Stdout);
 
 /// <summary>
 /// QEMU's HMP argument parser for the one command backupd's monitor has, qemu-io (args "qdev:-d,
 /// device:B,command:s"): white space separates words, a word may be a "double-quoted" string with the
 /// escapes \n \r \\ \' \", and nothing may follow the command. Error texts are the monitor's.
 /// </summary>
-public static class HmpQemuIoParser
+internal static class HmpQemuIoParser
 {
     public static HmpQemuIoLine Parse(string line)
     {

@@ -1,11 +1,11 @@
 namespace Backup.Diagnostics.QemuIo;
 
 /// <summary>One option getopt returned: its letter and, for "x:" options, its argument.</summary>
-public readonly record struct ParsedOption(char Letter, string? Argument);
+internal readonly record struct ParsedOption(char Letter, string? Argument);
 
 /// <summary>What getopt made of a command's words: the options in order and the operands, or an error.</summary>
 /// <param name="Error">glibc's message ("write: invalid option -- 'x'"), printed on stderr; null when parsing succeeded.</param>
-public sealed record GetOptResult(IReadOnlyList<ParsedOption> Options, IReadOnlyList<string> Operands, string? Error);
+internal sealed record GetOptResult(IReadOnlyList<ParsedOption> Options, IReadOnlyList<string> Operands, string? Error);
 
 /// <summary>
 /// glibc's getopt as qemu-io calls it (optstring without '+' or ':'), so argument order is permuted:
@@ -13,7 +13,7 @@ public sealed record GetOptResult(IReadOnlyList<ParsedOption> Options, IReadOnly
 /// ("-P0x49") or the next word even when it starts with '-' ("-P -1"), "--" ends the options, and a
 /// lone "-" is an operand. Options are processed left to right up to the first error, as qemu-io stops there.
 /// </summary>
-public static class GetOpt
+internal static class GetOpt
 {
     public static GetOptResult Parse(IReadOnlyList<string> argv, string optstring)
     {

@@ -4,7 +4,7 @@ namespace Backup.Diagnostics.QemuIo;
 /// One qemu-io command as its table entry describes it (cmdinfo_t): names, argument counts checked before
 /// it runs, the usage text, and whether it needs to write (QEMU then asks for the write permission first).
 /// </summary>
-public sealed record QemuIoCommandInfo(
+internal sealed record QemuIoCommandInfo(
     string Name,
     string? AltName,
     int ArgMin,

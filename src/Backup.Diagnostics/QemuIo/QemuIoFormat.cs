@@ -4,7 +4,7 @@ using System.Text;
 namespace Backup.Diagnostics.QemuIo;
 
 /// <summary>qemu-io's printed forms: sizes (cvtstr), times (timestr), the I/O report and the -v hex dump.</summary>
-public static class QemuIoFormat
+internal static class QemuIoFormat
 {
     private static readonly CultureInfo C = CultureInfo.InvariantCulture;
 

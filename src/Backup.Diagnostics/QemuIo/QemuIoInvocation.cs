@@ -4,7 +4,7 @@ using Backup.Block;
 namespace Backup.Diagnostics.QemuIo;
 
 /// <summary>One run of one qemu-io command: the node, the words, where to print, and the helpers every command uses.</summary>
-public sealed class QemuIoInvocation(
+internal sealed class QemuIoInvocation(
     QemuIoCommandInfo command,
     BlockNode node,
     IReadOnlyList<string> argv,

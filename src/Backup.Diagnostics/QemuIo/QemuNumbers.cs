@@ -1,7 +1,7 @@
 namespace Backup.Diagnostics.QemuIo;
 
 /// <summary>Why <see cref="QemuNumbers.TryParseSize"/> refused a number: qemu-io's -EINVAL and -ERANGE.</summary>
-public enum SizeError
+internal enum SizeError
 {
     None,
     /// <summary>Not a number, a negative number, a fraction without a suffix, or text after the number.</summary>
@@ -16,7 +16,7 @@ public enum SizeError
 /// in powers of 1024) and strtol with base 0 for patterns and sleep times. Hex digits are never suffixes:
 /// the integer is parsed first (as strtoull does), and only the character after it can be a suffix.
 /// </summary>
-public static class QemuNumbers
+internal static class QemuNumbers
 {
     /// <summary>qemu-io's print_cvtnum_err: what it prints when a number is refused.</summary>
     public static string ErrorText(SizeError error, string argument) => error switch

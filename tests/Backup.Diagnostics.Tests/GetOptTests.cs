@@ -62,4 +62,13 @@ public class GetOptTests
         Parse("write -1 0").Error.Should().Be("write: invalid option -- '1'");
         Parse("w -: 0 1").Error.Should().Be("w: invalid option -- ':'");
     }
+
+    [Fact]
+    public void Words_are_split_on_spaces_only_and_quotes_are_ordinary_characters()
+    {
+        QemuIoInterpreter.BreakLine("  write  -P 0x11   0 512 ").Should().Equal("write", "-P", "0x11", "0", "512");
+        QemuIoInterpreter.BreakLine("write\t0 512").Should().Equal("write\t0", "512");
+        QemuIoInterpreter.BreakLine("write -q 0 '512'").Should().Equal("write", "-q", "0", "'512'");
+        QemuIoInterpreter.BreakLine("write -P \"1 2\" 0 1").Should().Equal("write", "-P", "\"1", "2\"", "0", "1");
+    }
 }

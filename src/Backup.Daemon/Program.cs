@@ -2,6 +2,8 @@ using System.Runtime.InteropServices;
 using Backup.Block;
 using Backup.Daemon.CommandLine;
 using Backup.Daemon.Hosting;
+using Backup.Diagnostics;
+using Backup.Diagnostics.QemuIo;
 using Backup.Jobs;
 using Backup.Jobs.Commands;
 using Backup.Nbd.Commands;
@@ -108,7 +110,10 @@ internal static class Program
         services.AddSingleton<ICommandModule>(sp => sp.GetRequiredService<BitmapCommands>());
         services.AddSingleton<ITransactionActionModule>(sp => sp.GetRequiredService<BitmapCommands>());
         services.AddSingleton<ICommandModule, TransactionCommands>();
-        services.AddSingleton<ICommandModule, QemuIoCommand>();
+        services.AddSingleton<IQemuIoConsole, StdioConsole>();
+        services.AddSingleton<AioRequests>();
+        services.AddSingleton<QemuIoInterpreter>();
+        services.AddSingleton<ICommandModule, HumanMonitorCommand>();
         services.AddSingleton(sp => new NbdServer(sp.GetRequiredService<BlockGraph>(),
             () => sp.GetRequiredService<IEventSink>(), sp.GetService<ILogger<NbdServer>>()));
         services.AddSingleton<ICommandModule, NbdCommands>();

@@ -8,7 +8,8 @@ namespace Backup.Qmp;
 /// <summary>
 /// Validates and runs commands. Commands from every session run one at a time (like QEMU's main loop
 /// under its big lock), which makes each command atomic with respect to all others; I/O does not
-/// take this lock.
+/// take this lock. A handler may leave the lock early (<see cref="CommandContext.LeaveCommandLock"/>)
+/// once its atomic part is done.
 /// </summary>
 public sealed class QmpDispatcher : IDisposable
 {
@@ -45,14 +46,16 @@ public sealed class QmpDispatcher : IDisposable
             throw new BlockException($"The command {name} has not been found", ErrorClass.CommandNotFound);
         }
         var args = InputValidator.ValidateArguments(arguments, def.Arguments);
+        ArgumentNullException.ThrowIfNull(context);
         await _commandLock.WaitAsync(cancellationToken).ConfigureAwait(false);
+        context.HoldCommandLock(_commandLock);
         try
         {
             return await handler(args, context, cancellationToken).ConfigureAwait(false) ?? new JsonObject();
         }
         finally
         {
-            _commandLock.Release();
+            context.LeaveCommandLock();
         }
     }
 }

@@ -13,12 +13,23 @@ public delegate ValueTask<JsonNode?> CommandHandler(JsonObject arguments, Comman
 public sealed class CommandContext(Session.QmpSession? session)
 {
     private List<Action>? _afterReply;
+    private SemaphoreSlim? _commandLock;
 
     /// <summary>The session the command came from; null for commands run by the daemon itself.</summary>
     public Session.QmpSession? Session { get; } = session;
 
     /// <summary>Runs <paramref name="action"/> once the reply has been queued for the client (quit uses it).</summary>
     public void AfterReply(Action action) => (_afterReply ??= []).Add(action);
+
+    /// <summary>
+    /// Lets the rest of the handler run without the QMP command lock, so that other commands go on
+    /// meanwhile. Call it only after every look-up and check that must be atomic with other commands,
+    /// holding what was looked up (e.g. <c>BlockNode.AddUser</c>) so that it stays valid. Idempotent.
+    /// </summary>
+    public void LeaveCommandLock() => Interlocked.Exchange(ref _commandLock, null)?.Release();
+
+    /// <summary>The dispatcher hands the lock it took for this command; <see cref="LeaveCommandLock"/> releases it once.</summary>
+    internal void HoldCommandLock(SemaphoreSlim commandLock) => _commandLock = commandLock;
 
     internal void RunAfterReply()
     {

@@ -27,7 +27,17 @@ public sealed partial class Qcow2Node
     /// </summary>
     private int _reserveBatch;
 
-    private long _lastRefill = long.MinValue / 2;
+    /// <summary>When the reserve was last refilled (a <see cref="Clock"/> timestamp); null after a release.</summary>
+    private long? _lastRefill;
+
+    /// <summary>
+    /// Measures the time between refills. Only the reserve's batch size depends on it, never which
+    /// clusters are handed out or where the file ends; tests replace it to drive either batch size.
+    /// </summary>
+    internal TimeProvider Clock { get; set; } = TimeProvider.System;
+
+    /// <summary>Refills closer together than this are a write storm, and the next batch doubles.</summary>
+    private static readonly TimeSpan StormWindow = TimeSpan.FromSeconds(1);
 
     private const long MaxReserveBytes = 256L << 20;
 
@@ -39,8 +49,8 @@ public sealed partial class Qcow2Node
     {
         if (_reserve.Count == 0)
         {
-            var now = Environment.TickCount64;
-            _reserveBatch = now - _lastRefill < 1000
+            var now = Clock.GetTimestamp();
+            _reserveBatch = _lastRefill is { } last && Clock.GetElapsedTime(last, now) < StormWindow
                 ? (int)Math.Min(Math.Max(_reserveBatch, ReserveBatch) * 2L, Math.Max(ReserveBatch, Math.Min(MaxReserveBytes / _clusterSize, 65536)))
                 : ReserveBatch;
             _lastRefill = now;
@@ -84,22 +94,90 @@ public sealed partial class Qcow2Node
         _reserve.Clear();
         await UpdateRefcountsAsync(clusters, -1, cancellationToken).ConfigureAwait(false);
         // The next refill after a flush or close starts small again: the storm it was sized for is over.
-        _lastRefill = long.MinValue / 2;
+        _lastRefill = null;
 
         // A refill grows the file over its whole batch; give back the unused tail, so the file ends
         // where its data does. The refcounts reach the disk first: no refcount may outlive the file end.
         var released = clusters.ToHashSet();
         var end = (_file.Length + _clusterSize - 1) >> _clusterBits;
         var newEnd = end;
-        while (newEnd > 0 && released.Contains(newEnd - 1))
+        var emptyGroups = new List<long>();
+        while (newEnd > 0)
         {
-            newEnd--;
+            var c = newEnd - 1;
+            if (released.Contains(c))
+            {
+                newEnd--;
+            }
+            else if (await IsEmptySelfDescribingRefBlockAsync(c, cancellationToken).ConfigureAwait(false))
+            {
+                emptyGroups.Add(c / _refBlockEntries);
+                newEnd--;
+            }
+            else
+            {
+                break;
+            }
         }
         if (newEnd < end)
         {
+            await DropRefBlocksAsync(emptyGroups, cancellationToken).ConfigureAwait(false);
             await _file.FlushAsync(cancellationToken).ConfigureAwait(false);
             await _file.TruncateAsync(newEnd << _clusterBits, cancellationToken).ConfigureAwait(false);
         }
+    }
+
+    /// <summary>
+    /// Whether <paramref name="cluster"/> is a refcount block in its group's first cluster (where
+    /// <see cref="CreateRefBlockAsync"/> puts them) that counts nothing but itself. A refill creates
+    /// such blocks for every group its batch spans; once the batch is given back they are all that
+    /// keeps the file long, by as much as the batch, which depends on how fast the refills came.
+    /// </summary>
+    private async ValueTask<bool> IsEmptySelfDescribingRefBlockAsync(long cluster, CancellationToken cancellationToken)
+    {
+        var group = cluster / _refBlockEntries;
+        if (cluster % _refBlockEntries != 0 || group >= _refTable.Length
+            || new Qcow2RefcountTableEntry(_refTable[group]).BlockOffset != cluster << _clusterBits)
+        {
+            return false;
+        }
+        var block = await LoadRefBlockAsync(cluster << _clusterBits, cancellationToken).ConfigureAwait(false);
+        for (var i = 1; i < _refBlockEntries; i++)
+        {
+            if (GetRefcount(block, i) != 0)
+            {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /// <summary>
+    /// Clears the refcount table entries of groups whose block counts only itself: a group without a
+    /// block has every refcount 0, and its block's cluster is then free too (the search never hands a
+    /// group's first cluster out, see <see cref="CreateRefBlockAsync"/>). QEMU never creates such
+    /// blocks, since it adds refcount blocks only for clusters it actually allocates.
+    /// </summary>
+    private async ValueTask DropRefBlocksAsync(List<long> groups, CancellationToken cancellationToken)
+    {
+        if (groups.Count == 0)
+        {
+            return;
+        }
+        foreach (var group in groups)
+        {
+            _refCache.Remove(new Qcow2RefcountTableEntry(_refTable[group]).BlockOffset);
+            _refTable[group] = 0;
+        }
+        var first = groups.Min();
+        var count = (int)(groups.Max() - first + 1);
+        var bytes = new byte[count * 8];
+        for (var i = 0; i < count; i++)
+        {
+            BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(i * 8), _refTable[first + i]);
+        }
+        // Written before the file is cut: a table entry must never point past the end of the file.
+        await _file.WriteAsync(_refTableOffset + first * 8, bytes, WriteFlags.None, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>

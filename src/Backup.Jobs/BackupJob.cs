@@ -331,6 +331,29 @@ public sealed class BackupJob : Job, IBlockCopyOwner
         {
             ThrowIfDeferredFailed();
         }
+        if (_s.ReleaseTarget is not null)
+        {
+            await FlushOwnTargetAsync().ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>
+    /// drive-backup's own target is closed only after the job's events (<see cref="Clean"/> cannot wait),
+    /// where QSD closes it before them: flush it now, so that an image checked right after
+    /// BLOCK_JOB_COMPLETED is complete and clean (a qcow2 flush gives back its allocation reserve).
+    /// Errors are the close's to ignore, as QEMU's bdrv_close does.
+    /// </summary>
+    private async Task FlushOwnTargetAsync()
+    {
+        try
+        {
+            await _s.Target.FlushAsync().ConfigureAwait(false);
+        }
+#pragma warning disable CA1031 // A failed flush of a target about to be closed changes nothing the job reports.
+        catch (Exception)
+#pragma warning restore CA1031
+        {
+        }
     }
 
     protected override void Commit()

@@ -163,9 +163,8 @@ public sealed class BackupJob : Job, IBlockCopyOwner
                 var extent = offset < length ? _copy.NextDirtyExtent(offset, length - offset) : null;
                 if (extent is { } e && running.Count < WorkersNow())
                 {
-                    var end = Math.Min(e.End, Math.Min(length, e.Offset + maxChunk));
-                    running.Add(_copy.CopyAsync(e.Offset, end).AsTask());
-                    offset = end;
+                    (var copy, offset) = await StartCopyAsync(e, length, maxChunk).ConfigureAwait(false);
+                    running.Add(copy);
                     continue;
                 }
                 if (running.Count == 0)
@@ -202,6 +201,22 @@ public sealed class BackupJob : Job, IBlockCopyOwner
             {
             }
         }
+    }
+
+    /// <summary>
+    /// Starts the copy of the dirty run at <paramref name="e"/>'s start after one block-status call over all
+    /// of it (QEMU's block-copy block-status step): a run that reads as zeros is claimed and done in one
+    /// piece (nothing is read; a fresh target gets no writes), data goes in chunks of at most
+    /// <paramref name="maxChunk"/>. So a thin disk costs one call per extent, not one per chunk of its
+    /// virtual size. With a speed limit zero runs are cut to chunks too: QEMU counts them against the
+    /// limit, and the job paces itself chunk by chunk. Returns the copy and where the next run starts.
+    /// </summary>
+    private async ValueTask<(Task<long> Copy, long Next)> StartCopyAsync(BitmapExtent e, long length, int maxChunk)
+    {
+        var r = await _copy.ProbeAsync(e.Offset, Math.Min(e.End, length)).ConfigureAwait(false);
+        var runEnd = r.IsZero && Speed == 0 ? r.End : Math.Min(r.End, e.Offset + maxChunk);
+        var copy = r.IsZero ? _copy.CopyZeroesAsync(e.Offset, runEnd) : _copy.CopyDataAsync(e.Offset, runEnd);
+        return (copy.AsTask(), runEnd);
     }
 
     /// <summary>
@@ -251,7 +266,15 @@ public sealed class BackupJob : Job, IBlockCopyOwner
 
     int IBlockCopyOwner.ErrorEpoch => Volatile.Read(ref _errorEpoch);
 
-    void IBlockCopyOwner.OnProgress(long bytes) => AddProgress(bytes);
+    void IBlockCopyOwner.OnProgress(long bytes, bool guestCopy)
+    {
+        AddProgress(bytes);
+        if (guestCopy)
+        {
+            // QSD counts copy-before-write against the speed limit: the job's own copying waits for it.
+            AccountRate(bytes);
+        }
+    }
 
     /// <summary>
     /// A guest copy's target write may run after the guest write went on: its failure is the job's (and
@@ -307,6 +330,29 @@ public sealed class BackupJob : Job, IBlockCopyOwner
         if (!IsCancelled)
         {
             ThrowIfDeferredFailed();
+        }
+        if (_s.ReleaseTarget is not null)
+        {
+            await FlushOwnTargetAsync().ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>
+    /// drive-backup's own target is closed only after the job's events (<see cref="Clean"/> cannot wait),
+    /// where QSD closes it before them: flush it now, so that an image checked right after
+    /// BLOCK_JOB_COMPLETED is complete and clean (a qcow2 flush gives back its allocation reserve).
+    /// Errors are the close's to ignore, as QEMU's bdrv_close does.
+    /// </summary>
+    private async Task FlushOwnTargetAsync()
+    {
+        try
+        {
+            await _s.Target.FlushAsync().ConfigureAwait(false);
+        }
+#pragma warning disable CA1031 // A failed flush of a target about to be closed changes nothing the job reports.
+        catch (Exception)
+#pragma warning restore CA1031
+        {
         }
     }
 

@@ -159,6 +159,19 @@ public abstract class Job
         await PausePointAsync().ConfigureAwait(false);
     }
 
+    /// <summary>
+    /// Counts <paramref name="bytes"/> that were moved without waiting (copy-before-write) against the speed
+    /// limit: the job's own next <see cref="RateLimitAsync"/> waits for them, as QEMU's block-copy accounts
+    /// the copies guest writes trigger.
+    /// </summary>
+    protected void AccountRate(long bytes)
+    {
+        lock (Sync)
+        {
+            _ = _limit.Delay(bytes);
+        }
+    }
+
     /// <summary>Sleeps (not busy) until the delay passes or the job is kicked (pause, cancel, speed change).</summary>
     protected async ValueTask SleepAsync(TimeSpan delay)
     {

@@ -311,4 +311,28 @@ public class BackupJobTests
         tgt.Snapshot().AsSpan(0, 4096).ToArray().Should().OnlyContain(b => b == 0x7b, "the point in time is the prepare");
         b0.Count.Should().Be(65536, "the write after prepare is in the bitmap");
     }
+
+    [Fact]
+    public async Task Copies_that_guest_writes_trigger_count_against_the_speed_limit()
+    {
+        // As QSD (block-copy accounts copy-before-write in the job's rate limit): 16 MiB at 4 MiB/s takes
+        // about 4 s even when guest writes made three quarters of the copies. Counting only its own
+        // copies the job took about 1 s.
+        var src = new ByteNode(16 * MiB, "src");
+        await Fill(src, 0, 16 * MiB, 0x21);
+        var tgt = new ByteNode(16 * MiB, "tgt");
+        var job = new BackupJob(_jobs, new JobSettings("s1", Speed: 4 * MiB), new BackupSettings
+        {
+            Source = src, Target = tgt, Sync = BackupSyncMode.Full,
+        });
+        _jobs.Register(job);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        await Fill(src, 4 * MiB, 12 * MiB, 0x42);
+        _jobs.Run(job);
+        await Done("s1");
+        clock.Stop();
+        clock.Elapsed.Should().BeGreaterThan(TimeSpan.FromSeconds(3.5));
+        tgt.Snapshot().Should().OnlyContain(b => b == 0x21, "the guest's writes came after the point in time");
+        _log.Value("BLOCK_JOB_COMPLETED", "offset").Should().Be(16L * MiB);
+    }
 }

@@ -39,14 +39,28 @@ public interface IBlockCopyOwner
     /// </summary>
     ValueTask OnErrorAsync(Exception error, bool isRead, int epoch);
 
-    /// <summary>Bytes copied (by the owner's copies, guest copies and deferred writes alike).</summary>
-    void OnProgress(long bytes);
+    /// <summary>
+    /// Bytes copied (by the owner's copies, guest copies and deferred writes alike; zero runs count in
+    /// full). <paramref name="guestCopy"/> is true for copies a guest write made (copy-before-write),
+    /// which a rate-limited owner counts against its limit, as QEMU's block-copy does.
+    /// </summary>
+    void OnProgress(long bytes, bool guestCopy);
 
     /// <summary>
     /// True when a guest copy may return once its old data is in memory and write it to the target in the
     /// background: a failure of that write is the owner's to report (<see cref="BlockCopy.DeferredFailure"/>).
     /// </summary>
     bool DeferGuestCopies { get; }
+}
+
+/// <summary>
+/// The start of a dirty run as the source's block status describes it (QEMU's block-copy block-status
+/// step): [<see cref="Offset"/>, <see cref="End"/>) is whole clusters (up to the end of the disk) that
+/// all read as zeros, or that hold data.
+/// </summary>
+public readonly record struct SourceRun(long Offset, long End, bool IsZero)
+{
+    public long Length => End - Offset;
 }
 
 /// <summary>
@@ -237,7 +251,96 @@ public sealed class BlockCopy : IDisposable
     /// A background copy of the still-dirty clusters of [start, end) (cluster-aligned start). Errors go to
     /// the owner's policy. Returns the bytes this call copied.
     /// </summary>
-    public ValueTask<long> CopyAsync(long start, long end) => CopyRangeAsync(start, end, background: true);
+    public ValueTask<long> CopyAsync(long start, long end) => CopyRangeAsync(start, end, background: true, knownData: false);
+
+    /// <summary>
+    /// As <see cref="CopyAsync"/>, for a range <see cref="ProbeAsync"/> found to hold data: the source is
+    /// not asked again (clusters still dirty have not changed since: a guest write would have copied them).
+    /// </summary>
+    public ValueTask<long> CopyDataAsync(long start, long end) => CopyRangeAsync(start, end, background: true, knownData: true);
+
+    /// <summary>
+    /// The source's block status for the whole of [start, end) in one call (cluster-aligned start), cut to
+    /// whole clusters: the run at <paramref name="start"/> that reads as zeros or holds data. A run shorter
+    /// than a cluster, or an error, gives one data cluster (the read then meets the error under the
+    /// owner's policy), as QEMU's block_copy_block_status. The answer stays true for the clusters still
+    /// dirty when a copy claims them: any write to them since went through copy-before-write first.
+    /// </summary>
+    public async ValueTask<SourceRun> ProbeAsync(long start, long end)
+    {
+        var length = _source.Length;
+        end = Math.Min(end, length);
+        try
+        {
+            var st = await _source.GetBlockStatusAsync(start, end - start).ConfigureAwait(false);
+            var runEnd = start + st.Length >= end ? end : start + st.Length / _cluster * _cluster;
+            if (runEnd > start)
+            {
+                return new SourceRun(start, runEnd, st.IsZero);
+            }
+        }
+#pragma warning disable CA1031 // As QEMU: block status is only a hint; the copy reports real I/O errors.
+        catch (Exception) when (_owner is not { IsCancelled: true })
+#pragma warning restore CA1031
+        {
+        }
+        return new SourceRun(start, Math.Min(end, start + _cluster), IsZero: false);
+    }
+
+    /// <summary>
+    /// A background copy of a run <see cref="ProbeAsync"/> found to read as zeros: claims what is still
+    /// dirty in it at once (nothing is read, however long the run), makes the target read zeros there
+    /// (nothing to do where a target without backing already does, write-zeroes elsewhere) and counts the
+    /// whole run as copied. Returns the bytes copied.
+    /// </summary>
+    public async ValueTask<long> CopyZeroesAsync(long start, long end)
+    {
+        var length = _source.Length;
+        List<InFlight> mine = [];
+        lock (_claim)
+        {
+            var pos = start;
+            while (pos < end && _copy.NextDirtyExtent(pos, end - pos) is { } e)
+            {
+                var f = new InFlight(e.Offset, e.End);
+                _inFlight.Add(f);
+                Volatile.Write(ref _inFlightCount, _inFlight.Count);
+                _copy.Reset(e.Offset, e.Length);
+                mine.Add(f);
+                pos = e.End;
+            }
+        }
+        var total = 0L;
+        var targetZeroEnd = start;
+        try
+        {
+            foreach (var f in mine)
+            {
+                var runEnd = Math.Min(f.End, length);
+                // Nothing to read: the old data is known, so writers need not wait for the target.
+                Release(f, putBack: false);
+                try
+                {
+                    targetZeroEnd = await WriteZeroRunAsync(f.Start, runEnd - f.Start, targetZeroEnd, background: true).ConfigureAwait(false);
+                }
+                catch
+                {
+                    PutBack(f.Start, f.End);
+                    throw;
+                }
+                _owner?.OnProgress(runEnd - f.Start, guestCopy: false);
+                total += runEnd - f.Start;
+            }
+        }
+        finally
+        {
+            foreach (var f in mine)
+            {
+                Release(f, putBack: true);
+            }
+        }
+        return total;
+    }
 
     /// <summary>
     /// Saves the old data of the clusters under [offset, offset + length) before a guest write changes
@@ -263,7 +366,7 @@ public sealed class BlockCopy : IDisposable
             return ValueTask.CompletedTask;
         }
         var start = offset / _cluster * _cluster;
-        return new ValueTask(CopyRangeAsync(start, end, background: false).AsTask());
+        return new ValueTask(CopyRangeAsync(start, end, background: false, knownData: false).AsTask());
     }
 
     /// <summary>
@@ -311,7 +414,7 @@ public sealed class BlockCopy : IDisposable
     /// range others have in flight. A failed copy puts its bits back. Returns the bytes this call copied
     /// (or handed to a deferred write).
     /// </summary>
-    private async ValueTask<long> CopyRangeAsync(long start, long end, bool background)
+    private async ValueTask<long> CopyRangeAsync(long start, long end, bool background, bool knownData)
     {
         var total = 0L;
         while (true)
@@ -349,7 +452,7 @@ public sealed class BlockCopy : IDisposable
             {
                 foreach (var f in mine)
                 {
-                    total += await CopyClaimedAsync(f, background).ConfigureAwait(false);
+                    total += await CopyClaimedAsync(f, background, knownData).ConfigureAwait(false);
                 }
             }
             finally
@@ -380,7 +483,7 @@ public sealed class BlockCopy : IDisposable
     /// fails and keeps the bits). A guest copy that cannot be deferred (no owner that allows it, or the
     /// memory cap) writes inline, and a failure fails the guest write with its data untouched.
     /// </summary>
-    private async ValueTask<long> CopyClaimedAsync(InFlight f, bool background)
+    private async ValueTask<long> CopyClaimedAsync(InFlight f, bool background, bool knownData)
     {
         var length = _source.Length;
         var end = Math.Min(f.End, length);
@@ -389,7 +492,7 @@ public sealed class BlockCopy : IDisposable
         var handedOff = false;
         try
         {
-            var zeros = await CaptureAsync(f.Start, end, length, buffer, background).ConfigureAwait(false);
+            var zeros = await CaptureAsync(f.Start, end, length, buffer, background, knownData).ConfigureAwait(false);
             if (background)
             {
                 Release(f, putBack: false);
@@ -403,7 +506,7 @@ public sealed class BlockCopy : IDisposable
                     PutBack(f.Start, f.End);
                     throw;
                 }
-                _owner?.OnProgress(size);
+                _owner?.OnProgress(size, guestCopy: false);
                 return size;
             }
             if (TryReserveDeferred(size))
@@ -414,7 +517,7 @@ public sealed class BlockCopy : IDisposable
                 return size;
             }
             await WriteCapturedAsync(f.Start, end, buffer, zeros, background: false).ConfigureAwait(false);
-            _owner?.OnProgress(size);
+            _owner?.OnProgress(size, guestCopy: true);
             Release(f, putBack: false);
             return size;
         }
@@ -459,7 +562,7 @@ public sealed class BlockCopy : IDisposable
             // Let the guest write go on now, whatever the target write does synchronously.
             await Task.Yield();
             await WriteCapturedAsync(start, end, buffer, zeros, background: true).ConfigureAwait(false);
-            _owner?.OnProgress(size);
+            _owner?.OnProgress(size, guestCopy: true);
         }
 #pragma warning disable CA1031 // Recorded and reported as the owner's failure.
         catch (Exception ex)
@@ -532,9 +635,10 @@ public sealed class BlockCopy : IDisposable
     /// <summary>
     /// Reads [start, end) into <paramref name="buffer"/> (at start's place) in chunks. A chunk the source
     /// reports as zeros (whole clusters, or up to the end of the disk) is not read: it is returned as a
-    /// zero run instead. Read errors follow the owner's policy for background copies and fail a guest copy.
+    /// zero run instead (unless <paramref name="knownData"/>: the caller asked already). Read errors follow
+    /// the owner's policy for background copies and fail a guest copy.
     /// </summary>
-    private async ValueTask<List<(long Offset, long Length)>?> CaptureAsync(long start, long end, long length, byte[] buffer, bool background)
+    private async ValueTask<List<(long Offset, long Length)>?> CaptureAsync(long start, long end, long length, byte[] buffer, bool background, bool knownData)
     {
         List<(long Offset, long Length)>? zeros = null;
         var pos = start;
@@ -546,7 +650,7 @@ public sealed class BlockCopy : IDisposable
                 var epoch = _owner?.ErrorEpoch ?? 0;
                 try
                 {
-                    var st = await _source.GetBlockStatusAsync(pos, max).ConfigureAwait(false);
+                    var st = knownData ? default : await _source.GetBlockStatusAsync(pos, max).ConfigureAwait(false);
                     if (st.IsZero && (st.Length >= _cluster || pos + st.Length >= length))
                     {
                         var run = pos + st.Length >= end ? end - pos : st.Length / _cluster * _cluster;
@@ -617,8 +721,9 @@ public sealed class BlockCopy : IDisposable
     /// Makes [offset, offset + length) read as zeros on the target. Where a target without a backing
     /// node already reads as zeros (a fresh image: nothing allocated), writing zero clusters would change
     /// nothing a reader sees but costs the target a metadata update each; those parts are skipped. The
-    /// target's status is asked once per extent it reports, and stays valid while this copy runs: the
-    /// range is claimed by it, and only this copy state writes there.
+    /// target's status is asked once per extent it reports within the run (never beyond it: a run is
+    /// whole clusters, and asking for the rest of the disk each time would cost O(disk) per run), and
+    /// stays valid while this copy runs: the range is claimed by it, and only this copy state writes there.
     /// Returns the new end of the range known to read as zeros on the target.
     /// </summary>
     private async ValueTask<long> WriteZeroRunAsync(long offset, long length, long targetZeroEnd, bool background)
@@ -628,7 +733,7 @@ public sealed class BlockCopy : IDisposable
         {
             if (_targetReadsZeroInit && offset >= targetZeroEnd)
             {
-                var st = await _target.GetBlockStatusAsync(offset, _target.Length - offset).ConfigureAwait(false);
+                var st = await _target.GetBlockStatusAsync(offset, end - offset).ConfigureAwait(false);
                 targetZeroEnd = st.IsZero ? offset + st.Length : offset;
                 if (targetZeroEnd == offset)
                 {

@@ -4,6 +4,9 @@
   python3 backup-bench.py full        [--runs N]   full backup of a 2 GiB qcow2, half of it data
   python3 backup-bench.py incscale    [--runs N]   incremental of the same 20.5 MiB, 2 GiB vs 16 GiB disk
   python3 backup-bench.py guestwrite  [--runs N]   guest writes through NBD, idle vs during full backups
+  python3 backup-bench.py sparse      [--runs N]   full backups of thin 1 GiB / 16 GiB / 1 TiB qcow2 disks with
+                                                   16 MiB of data, and of a full 1 GiB disk vs a warm `cp`
+                                                   (issue 16); ends with the table of medians and ratios
 
 Each round starts every daemon fresh, in alternation (backupd, then QSD), and prints one line per daemon
 and round (`ROUND LABEL key=seconds ...`, readable by medians.py), then medians. Every timed step is
@@ -296,7 +299,86 @@ def bench_guestwrite(a, kind, wd):
     return out
 
 
-SCENARIOS = {"full": bench_full, "incscale": bench_incscale, "guestwrite": bench_guestwrite}
+def make_thin(path, size):
+    """A qcow2 of `size` bytes with 16 MiB of data: 16 runs of 1 MiB spread evenly over the disk."""
+    if os.path.exists(path):
+        return path
+    log(f"building {path}")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", path, str(size)])
+    step = size // 16
+    argv = ["qemu-io", "-f", "qcow2", path]
+    for i in range(16):
+        argv += ["-c", f"write -P {0x10 + i} {i * step} 1M"]
+    run(argv)
+    return path
+
+
+THIN = (("1g", GiB), ("16g", 16 * GiB), ("1t", 1024 * GiB))
+
+
+def bench_sparse(a, kind, wd):
+    """Per disk, one fresh daemon and two full backups into new qcow2 images: `cold` is the daemon's first
+    backup (what a management tool that starts a daemon per backup sees: it includes backupd's JIT), `warm`
+    the second. Then the full 1 GiB disk: its first backup, and `cp` of the same image with a warm cache."""
+    out = {}
+    for label, size in THIN:
+        src = make_thin(os.path.join(a.dir, f"thin-{label}.qcow2"), size)
+        d = Daemon(kind, wd, src)
+        try:
+            out[f"thin{label}_cold"], t1 = d.backup("full", size)
+            out[f"thin{label}_warm"], t2 = d.backup("full", size)
+        finally:
+            d.stop()
+        if a.check:
+            run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", src, t2])
+        os.unlink(t1)
+        os.unlink(t2)
+    src = make_source(os.path.join(a.dir, "data-1g.qcow2"), GiB, 1.0, 3)
+    subprocess.run(["cat", src], check=True, stdout=subprocess.DEVNULL)  # warm the page cache for both
+    d = Daemon(kind, wd, src)
+    try:
+        out["data1g"], target = d.backup("full", GiB)
+    finally:
+        d.stop()
+    if a.check:
+        run(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", src, target])
+    os.unlink(target)
+    copy = os.path.join(wd, "cp.qcow2")
+    os.sync()
+    t0 = time.perf_counter()
+    run(["cp", src, copy])
+    out["cp1g"] = time.perf_counter() - t0
+    os.unlink(copy)
+    return out
+
+
+def print_table(results):
+    """The markdown table of docs/performance.md: medians per daemon and the ratio backupd / QSD."""
+    rows = [("thin 1 GiB, 16 MiB data: first backup", "thin1g_cold"),
+            ("thin 1 GiB: second backup", "thin1g_warm"),
+            ("thin 16 GiB, 16 MiB data: first backup", "thin16g_cold"),
+            ("thin 16 GiB: second backup", "thin16g_warm"),
+            ("thin 1 TiB, 16 MiB data: first backup", "thin1t_cold"),
+            ("thin 1 TiB: second backup", "thin1t_warm"),
+            ("full 1 GiB of data", "data1g"),
+            ("`cp` of that image (warm)", "cp1g")]
+    med = {k: {key: statistics.median(r[key] for r in v) for key in v[0]} for k, v in results.items() if v}
+    print("| case | backupd s | QSD s | backupd / QSD |")
+    print("| --- | --- | --- | --- |")
+    for name, key in rows:
+        b, q = med.get("backupd", {}).get(key), med.get("qsd", {}).get(key)
+        cell = lambda x: f"{x:.3f}" if x is not None else "–"  # noqa: E731
+        ratio = f"{b / q:.2f}" if b is not None and q else "–"
+        print(f"| {name} | {cell(b)} | {cell(q)} | {ratio} |")
+    # cp does not depend on the daemon: the median over every round of both is the fairer baseline.
+    cps = [r["cp1g"] for v in results.values() for r in v]
+    for kind, m in med.items():
+        if "data1g" in m and cps:
+            print(f"\n{kind}: full backup of 1 GiB of data / warm cp (median of all rounds, "
+                  f"{statistics.median(cps):.3f} s) = {m['data1g'] / statistics.median(cps):.2f}")
+
+
+SCENARIOS = {"full": bench_full, "incscale": bench_incscale, "guestwrite": bench_guestwrite, "sparse": bench_sparse}
 
 
 def main():
@@ -323,6 +405,8 @@ def main():
         keys = results[kind][0].keys()
         print(f"median {kind}: " + " ".join(
             f"{k}={statistics.median(x[k] for x in results[kind]):.4g}" for k in keys), flush=True)
+    if a.scenario == "sparse":
+        print_table(results)
     return 0
 
 

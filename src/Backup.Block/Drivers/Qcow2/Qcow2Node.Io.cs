@@ -51,15 +51,21 @@ public sealed partial class Qcow2Node
         var cluster = guestOffset >> _clusterBits;
         var index = (int)(cluster & (_l2Entries - 1));
         var intra = (int)(guestOffset & (_clusterSize - 1));
-        var entry = table is null ? Qcow2L2Entry.Unallocated : new Qcow2L2Entry(Volatile.Read(ref table[index]));
+        // At most 1 GiB per run, so that a table's coverage (512 GiB with 2 MiB clusters) stays an int.
+        var limit = (int)Math.Min(Math.Min(maxLength, 1L << 30), (long)(_l2Entries - index) * _clusterSize - intra);
+        if (table is null)
+        {
+            // No L2 table: the whole rest of its coverage is unallocated, without looking at entries one by one.
+            return new Mapping(ClusterKind.Unallocated, 0, limit, Qcow2L2Entry.Unallocated);
+        }
+        var entry = new Qcow2L2Entry(Volatile.Read(ref table[index]));
         var kind = KindOf(entry);
-        var limit = (int)Math.Min(maxLength, (long)(_l2Entries - index) * _clusterSize - intra);
         var length = Math.Min(_clusterSize - intra, limit);
         if (kind != ClusterKind.Compressed)
         {
             for (var i = index + 1; length < limit; i++)
             {
-                var next = table is null ? Qcow2L2Entry.Unallocated : new Qcow2L2Entry(Volatile.Read(ref table[i]));
+                var next = new Qcow2L2Entry(Volatile.Read(ref table[i]));
                 if (KindOf(next) != kind ||
                     (kind is ClusterKind.DataCopied or ClusterKind.DataShared &&
                      next.HostOffset != entry.HostOffset + (long)(i - index) * _clusterSize))

@@ -10,13 +10,19 @@ namespace Backup.IntegrationTests;
 /// QEMU must do to each other. (Recorded live first; raw images with no format taking write are not
 /// protected by QEMU either: its raw driver and export share everything but resize.)
 /// </summary>
-public sealed class ImageLockingTests
+public sealed class ImageLockingTests : IDisposable
 {
     private const string Qsd = "qemu-storage-daemon";
     private const string Backupd = "backupd";
 
-    private static Task<DaemonProcess> StartAsync(string daemon, string dir, params string[] args) =>
-        DaemonProcess.StartAsync(args, dir, executable: daemon == Qsd ? Qsd : null);
+    /// <summary>The images (and NBD sockets) of one test; each daemon runs in a directory of its own.</summary>
+    private readonly string _images = DaemonProcess.NewDirectory();
+
+    public void Dispose() => Directory.Delete(_images, recursive: true);
+
+    /// <summary>Starts a daemon in a directory of its own (removed when it stops; the images live elsewhere).</summary>
+    private static Task<DaemonProcess> StartAsync(string daemon, string imageDir, params string[] args) =>
+        DaemonProcess.StartAsync(args, executable: daemon == Qsd ? Qsd : null);
 
     private static async Task<string> CreateAsync(string dir, string name, string format)
     {
@@ -37,7 +43,7 @@ public sealed class ImageLockingTests
     [InlineData(Qsd)]
     public async Task Qemu_tools_cannot_write_what_a_daemon_serves_and_read_only_with_force_share(string daemon)
     {
-        var dir = DaemonProcess.NewDirectory();
+        var dir = _images;
         var rw = await CreateAsync(dir, "rw.qcow2", "qcow2");
         var ro = await CreateAsync(dir, "ro.qcow2", "qcow2");
         var raw = await CreateAsync(dir, "disk.raw", "raw");
@@ -95,7 +101,7 @@ public sealed class ImageLockingTests
     [InlineData(Qsd)]
     public async Task A_daemon_refuses_at_start_up_and_in_blockdev_add_what_qemu_io_holds(string daemon)
     {
-        var dir = DaemonProcess.NewDirectory();
+        var dir = _images;
         var image = await CreateAsync(dir, "d.qcow2", "qcow2");
         string[] blockdevs = ["--blockdev", $"driver=file,node-name=f,filename={image}", "--blockdev", "driver=qcow2,node-name=d,file=f"];
         string[] readOnly = ["--blockdev", $"driver=file,node-name=f,filename={image},read-only=on", "--blockdev", "driver=qcow2,node-name=d,file=f,read-only=on"];
@@ -146,16 +152,15 @@ public sealed class ImageLockingTests
     [InlineData(Qsd, Qsd)]
     public async Task Two_daemons_cannot_open_one_qcow2_read_write(string first, string second)
     {
-        var dir = DaemonProcess.NewDirectory();
+        var dir = _images;
         var image = await CreateAsync(dir, "d.qcow2", "qcow2");
         var holder = await StartAsync(first, dir,
             "--blockdev", $"driver=file,node-name=f,filename={image}", "--blockdev", "driver=qcow2,node-name=d,file=f");
         await using var _ = holder;
-        var secondDir = DaemonProcess.NewDirectory();
-        (await StartExpectingFailureAsync(second, secondDir,
+        (await StartExpectingFailureAsync(second, dir,
             "--blockdev", $"driver=file,node-name=f,filename={image}", "--blockdev", "driver=qcow2,node-name=d,file=f"))
             .Should().Contain("Failed to get \"write\" lock");
-        (await StartExpectingFailureAsync(second, secondDir,
+        (await StartExpectingFailureAsync(second, dir,
             "--blockdev", $"driver=file,node-name=f,filename={image},read-only=on", "--blockdev", "driver=qcow2,node-name=d,file=f,read-only=on"))
             .Should().Contain("Failed to get shared \"write\" lock");
     }
@@ -165,7 +170,7 @@ public sealed class ImageLockingTests
     [InlineData(Qsd)]
     public async Task Conflicts_inside_one_daemon_are_worded_as_qemus(string daemon)
     {
-        var dir = DaemonProcess.NewDirectory();
+        var dir = _images;
         var image = await CreateAsync(dir, "d.qcow2", "qcow2");
         var d = await StartAsync(daemon, dir, "--blockdev", $"driver=file,node-name=f,filename={image}",
             "--nbd-server", $"addr.type=unix,addr.path={Path.Combine(dir, "nbd.sock")}");
@@ -190,11 +195,44 @@ public sealed class ImageLockingTests
 
     private static string? Error(JsonObject reply) => (string?)reply["error"]?["desc"];
 
-    private static async Task<string> StartExpectingFailureAsync(string daemon, string dir, params string[] args)
+    /// <summary>Runs a daemon that must fail at start-up and returns what it printed.</summary>
+    private static async Task<string> StartExpectingFailureAsync(string daemon, string imageDir, params string[] args)
     {
-        var act = () => StartAsync(daemon, dir, args);
-        var e = (await act.Should().ThrowAsync<InvalidOperationException>()).Which;
-        return e.Message;
+        var dir = DaemonProcess.NewDirectory();
+        try
+        {
+            var psi = new ProcessStartInfo(daemon == Qsd ? Qsd : "dotnet")
+            {
+                UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = dir,
+            };
+            if (daemon != Qsd)
+            {
+                psi.ArgumentList.Add(DaemonProcess.DaemonDll);
+            }
+            foreach (var a in args)
+            {
+                psi.ArgumentList.Add(a);
+            }
+            using var p = Process.Start(psi)!;
+            var stdout = p.StandardOutput.ReadToEndAsync();
+            var stderr = p.StandardError.ReadToEndAsync();
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+            try
+            {
+                await p.WaitForExitAsync(cts.Token);
+            }
+            catch (OperationCanceledException)
+            {
+                p.Kill(entireProcessTree: true);
+                throw new InvalidOperationException($"{daemon} started although the image is locked");
+            }
+            p.ExitCode.Should().NotBe(0);
+            return await stdout + await stderr;
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
     }
 
     /// <summary>qemu-io holding <paramref name="image"/> open (sleeping) until disposed, once its locks are in place.</summary>

@@ -104,7 +104,7 @@ public abstract class BlockNode : IAsyncDisposable
             var zflags = flags | (DetectZeroes == DetectZeroesMode.Unmap ? WriteFlags.MayUnmap : WriteFlags.None);
             return WriteZeroesAsync(offset, data.Length, zflags, cancellationToken);
         }
-        return ModifyAsync(offset, data.Length, WriteKind.Write, (data, flags),
+        return ModifyAsync(offset, data.Length, WriteKind.Write, BlkdebugEvent.Pwritev, (data, flags),
             static (node, offset, s, ct) => node.WriteCoreAsync(offset, s.data, s.flags, ct), cancellationToken);
     }
 
@@ -122,7 +122,7 @@ public abstract class BlockNode : IAsyncDisposable
             // QEMU only lets write-zeroes unmap on nodes opened with discard=unmap.
             flags &= ~WriteFlags.MayUnmap;
         }
-        return ModifyAsync(offset, length, WriteKind.WriteZeroes, (length, flags),
+        return ModifyAsync(offset, length, WriteKind.WriteZeroes, BlkdebugEvent.PwritevZero, (length, flags),
             static (node, offset, s, ct) => node.WriteZeroesCoreAsync(offset, s.length, s.flags, ct), cancellationToken);
     }
 
@@ -148,7 +148,7 @@ public abstract class BlockNode : IAsyncDisposable
         {
             return ValueTask.CompletedTask;
         }
-        return ModifyAsync(offset, data.Length, WriteKind.Write, data,
+        return ModifyAsync(offset, data.Length, WriteKind.Write, null, data,
             static (node, offset, d, ct) => node.WriteCompressedCoreAsync(offset, d, ct), cancellationToken);
     }
 
@@ -164,7 +164,7 @@ public abstract class BlockNode : IAsyncDisposable
         {
             return ValueTask.CompletedTask;
         }
-        return ModifyAsync(offset, length, WriteKind.Discard, length,
+        return ModifyAsync(offset, length, WriteKind.Discard, null, length,
             static (node, offset, length, ct) => node.DiscardCoreAsync(offset, length, ct), cancellationToken);
     }
 
@@ -173,9 +173,12 @@ public abstract class BlockNode : IAsyncDisposable
     /// driver, observers after (dirty bitmaps). A request counts as in flight until its observers have
     /// seen it complete, so waiting for quiescence also waits for the bitmap marks. The state is passed
     /// through a generic parameter and the driver call is a static lambda: no allocation per request.
+    /// Writes raise QEMU's io.c blkdebug events on this node: <paramref name="startEvent"/> (pwritev,
+    /// pwritev_zero; none for compressed writes) before the driver, pwritev_done after it, even when it
+    /// failed; discards raise none.
     /// </summary>
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    private async ValueTask ModifyAsync<TState>(long offset, long length, WriteKind kind, TState state,
+    private async ValueTask ModifyAsync<TState>(long offset, long length, WriteKind kind, BlkdebugEvent? startEvent, TState state,
         Func<BlockNode, long, TState, CancellationToken, ValueTask> core, CancellationToken cancellationToken)
     {
         await EnterAsync().ConfigureAwait(false);
@@ -186,7 +189,29 @@ public abstract class BlockNode : IAsyncDisposable
             {
                 await o.BeforeWriteAsync(this, offset, length, kind, cancellationToken).ConfigureAwait(false);
             }
-            await core(this, offset, state, cancellationToken).ConfigureAwait(false);
+            if (kind == WriteKind.Discard)
+            {
+                await core(this, offset, state, cancellationToken).ConfigureAwait(false);
+            }
+            else
+            {
+                if (startEvent is { } ev)
+                {
+                    await OnDebugEventAsync(ev).ConfigureAwait(false);
+                }
+                try
+                {
+                    await core(this, offset, state, cancellationToken).ConfigureAwait(false);
+                }
+                finally
+                {
+                    await OnDebugEventAsync(BlkdebugEvent.PwritevDone).ConfigureAwait(false);
+                }
+            }
+            if (_writtenSinceFlush == 0)
+            {
+                _writtenSinceFlush = 1;
+            }
             foreach (var o in observers)
             {
                 o.AfterWrite(this, offset, length, kind);
@@ -268,8 +293,47 @@ public abstract class BlockNode : IAsyncDisposable
         }
     }
 
-    public ValueTask FlushAsync(CancellationToken cancellationToken = default) =>
-        ReadOnly || CacheNoFlush ? FlushChildrenAsync(cancellationToken) : FlushCoreAsync(cancellationToken);
+    // Set when data changed since the last flush (QEMU's write_gen != flushed_gen); gates the flush events.
+    private volatile int _writtenSinceFlush;
+
+    /// <summary>
+    /// Flushes the node. As QEMU's bdrv_co_flush, a flush that follows a change of data raises
+    /// flush_to_os and (unless cache.no-flush) flush_to_disk on the node's primary child before the driver
+    /// flushes; a read-only node, or one with nothing written since its last flush, raises none.
+    /// </summary>
+    public ValueTask FlushAsync(CancellationToken cancellationToken = default)
+    {
+        if (ReadOnly)
+        {
+            return FlushChildrenAsync(cancellationToken);
+        }
+        if (_writtenSinceFlush != 0 && PrimaryChild is { } primary)
+        {
+            return FlushWithEventsAsync(primary, cancellationToken);
+        }
+        return CacheNoFlush ? FlushChildrenAsync(cancellationToken) : FlushCoreAsync(cancellationToken);
+    }
+
+    private async ValueTask FlushWithEventsAsync(BlockNode primary, CancellationToken cancellationToken)
+    {
+        _writtenSinceFlush = 0;
+        try
+        {
+            await primary.DebugEventAsync(BlkdebugEvent.FlushToOs).ConfigureAwait(false);
+            if (CacheNoFlush)
+            {
+                await FlushChildrenAsync(cancellationToken).ConfigureAwait(false);
+                return;
+            }
+            await primary.DebugEventAsync(BlkdebugEvent.FlushToDisk).ConfigureAwait(false);
+            await FlushCoreAsync(cancellationToken).ConfigureAwait(false);
+        }
+        catch
+        {
+            _writtenSinceFlush = 1;
+            throw;
+        }
+    }
 
     /// <summary>The status of the extent starting at <paramref name="offset"/>, at most <paramref name="maxLength"/> bytes long.</summary>
     public ValueTask<BlockStatus> GetBlockStatusAsync(long offset, long maxLength, CancellationToken cancellationToken = default)
@@ -505,16 +569,45 @@ public abstract class BlockNode : IAsyncDisposable
     /// </summary>
     protected virtual bool IsGrowable => false;
 
-    /// <summary>Changes the size of the node (image creation, qcow2 growing its file).</summary>
-    public ValueTask TruncateAsync(long length, CancellationToken cancellationToken = default)
+    /// <summary>QEMU's BDRV_MAX_LENGTH: the largest size a node can have (2^63 - 1 GiB).</summary>
+    public const long MaxLength = long.MaxValue & ~((1L << 30) - 1);
+
+    /// <summary>
+    /// Changes the size of the node: image creation, qcow2 growing its file, and <c>block_resize</c>
+    /// (QEMU's bdrv_co_truncate). The checks and their texts are QEMU's; the driver resizes (a filter
+    /// passes it to its child); then every dirty bitmap of the node follows the new size
+    /// (bdrv_dirty_bitmap_truncate: bits past a shrink are dropped, growth adds clean bits). A node's
+    /// parents read their size from it, so they see the new size at once. Callers that resize a node
+    /// under guest I/O quiesce it first.
+    /// </summary>
+    public async ValueTask TruncateAsync(long length, CancellationToken cancellationToken = default)
     {
-        CheckWritable();
         ArgumentOutOfRangeException.ThrowIfNegative(length);
-        return TruncateCoreAsync(length, cancellationToken);
+        if (length > MaxLength)
+        {
+            throw new BlockException($"offset({length}) exceeds maximum({MaxLength})");
+        }
+        if (ReadOnly)
+        {
+            throw new BlockException("Image is read-only");
+        }
+        await TruncateCoreAsync(length, cancellationToken).ConfigureAwait(false);
+        Bitmaps.BlockNodeBitmapExtensions.TryGetDirtyBitmaps(this)?.Truncate(Length);
     }
 
+    /// <summary>A filter resizes its child; other drivers that can resize override this.</summary>
     protected virtual ValueTask TruncateCoreAsync(long length, CancellationToken cancellationToken) =>
-        throw new BlockException($"Cannot resize node '{NodeName}': driver '{DriverName}' does not support it");
+        IsFilter && PrimaryChild is { } child
+            ? child.TruncateAsync(length, cancellationToken)
+            : throw new BlockException("Image format driver does not support resize");
+
+    /// <summary>
+    /// Whether this node lets others resize <paramref name="child"/> under it (QEMU's shared RESIZE
+    /// permission on the edge). Formats need their file's size fixed (qcow2's metadata, a raw window);
+    /// filters pass sizes through and do not mind. <c>block_resize</c> of a child whose parent says no
+    /// fails with QEMU's permission-conflict text.
+    /// </summary>
+    public virtual bool SharesResize(BlockChild child) => IsFilter;
 
     private void CheckRange(long offset, long length)
     {

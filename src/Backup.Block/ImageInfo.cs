@@ -7,7 +7,8 @@ public sealed record ImageInfo
     public required string Format { get; init; }
     public required long VirtualSize { get; init; }
     public long? ActualSize { get; init; }
-    public bool DirtyFlag { get; init; }
+    /// <summary>Null when the driver reports none (QEMU: no bdrv_get_info, e.g. null-co).</summary>
+    public bool? DirtyFlag { get; init; } = false;
     public int? ClusterSize { get; init; }
     public string? BackingFilename { get; init; }
     public string? FullBackingFilename { get; init; }

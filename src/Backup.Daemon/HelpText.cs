@@ -1,12 +1,20 @@
 namespace Backup.Daemon;
 
+/// <summary>
+/// `backupd --help`: qemu-storage-daemon's options in its words, then backupd's own. A test checks that
+/// every option the parser accepts is listed here.
+/// </summary>
 internal static class HelpText
 {
     public const string Text = """
         Usage: backupd [options]
         backupd: incremental and differential backups of disk images, driven over QMP
+        (the command line of qemu-storage-daemon 7.2)
 
           -h, --help             display this help and exit
+          -T, --trace [[enable=]<pattern>][,events=<file>][,file=<file>]
+                                 accepted for compatibility: turns on the most
+                                 verbose log (backupd has no QEMU trace points)
           -V, --version          output version information and exit
 
           (no options)           run on the embedded default: a demo disk in ./state
@@ -14,20 +22,49 @@ internal static class HelpText
 
           --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]
                      [,cache.direct=on|off][,cache.no-flush=on|off]
-                     [,read-only=on|off][,detect-zeroes=on|off|unmap]
+                     [,read-only=on|off][,auto-read-only=on|off]
+                     [,force-share=on|off][,detect-zeroes=on|off|unmap]
                      [,driver specific parameters...]
                      or a JSON object (blockdev-add's arguments)
-                                 open a block node
-          --chardev socket,id=<id>,path=<path>,server=on,wait=off
-          --chardev socket,id=<id>,host=<host>,port=<port>,server=on,wait=off
-                                 a socket to serve a QMP monitor on
-          --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
-                                 serve QMP on a chardev (repeatable)
-          --object [qom-type=]<type>,id=<id>[,...]
-                                 create an object (e.g. secret)
-          --pidfile <path>       write the process id to <path>
-          --daemonize            run in the background; the parent exits once the
-                                 daemon is ready
+                                 configure a block backend
+
+          --chardev socket,id=<id>,path=<path>,server=on[,wait=on|off]
+          --chardev socket,id=<id>,[host=<host>,]port=<port>,server=on[,wait=on|off]
+          --chardev socket,id=<id>,fd=<fd>,server=on[,wait=on|off]
+                                 listen for QMP clients on a Unix socket, a TCP
+                                 port, or a socket passed by the parent process
+                                 (wait=on, the default: start-up waits for the
+                                 first client)
+          --chardev socket,id=<id>,path=<path>
+          --chardev socket,id=<id>,host=<host>,port=<port>
+          --chardev socket,id=<id>,fd=<fd>
+                                 connect to a QMP client that listens, or use a
+                                 connected socket passed by the parent process
+
+          --daemonize            daemonize the process, and have the parent exit
+                                 once startup is complete
+
+          --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+                   [,writable=on|off][,bitmap=<name>]
+                   or a JSON object (block-export-add's arguments)
+                                 export the specified block node over NBD
+                                 (requires --nbd-server)
+
+          --monitor [chardev=]name[,mode=control][,pretty=on|off]
+                                 configure a QMP monitor
+
+          --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+                       [,max-connections=<n>]
+          --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]
+          --nbd-server addr.type=fd,addr.str=<fd>[,max-connections=<n>]
+                       or a JSON object
+                                 start an NBD server for exporting block nodes
+
+          --object <type>[,<property>=<value>...]
+                                 create a new object of type <type> (e.g.
+                                 secret); the 'id' property must be set
+
+          --pidfile <path>       write process ID to a file after startup
 
         backupd's own options:
           --qmp unix:<path>      serve QMP on a Unix socket (repeatable)

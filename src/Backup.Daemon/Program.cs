@@ -34,6 +34,10 @@ internal static class Program
             await Console.Error.WriteLineAsync("backupd: " + e.Message).ConfigureAwait(false);
             return 1;
         }
+        foreach (var warning in options.Warnings)
+        {
+            await Console.Error.WriteLineAsync("backupd: " + warning).ConfigureAwait(false);
+        }
         if (options.ShowHelp)
         {
             Console.Out.Write(HelpText.Text);

@@ -33,6 +33,15 @@ public sealed class CommandLineParser(SchemaModel schema)
         "--chardev", "--monitor", "--pidfile", "--qmp", "--config", "--log-file", "--log-level", "-T", "--trace",
     };
 
+    private static readonly HashSet<string> FlagOptions = new(StringComparer.Ordinal)
+    {
+        "-h", "--help", "-V", "--version", "--daemonize",
+    };
+
+    /// <summary>Every option the parser accepts (the help text must list each: a test checks it).</summary>
+    public static IReadOnlyList<string> KnownOptions { get; } =
+        [.. FlagOptions, .. ValueOptions, .. CommandOptions.Keys];
+
     public DaemonOptions Parse(IReadOnlyList<string> args)
     {
         ArgumentNullException.ThrowIfNull(args);
@@ -44,24 +53,40 @@ public sealed class CommandLineParser(SchemaModel schema)
         for (var i = 0; i < args.Count; i++)
         {
             var arg = args[i];
+            if (arg.Length < 2 || arg[0] != '-')
+            {
+                throw new CommandLineException($"{arg}: Unexpected argument");
+            }
             string option;
             string? value = null;
-            var eq = arg.StartsWith("--", StringComparison.Ordinal) ? arg.IndexOf('=', StringComparison.Ordinal) : -1;
+            var isLong = arg.StartsWith("--", StringComparison.Ordinal);
+            var eq = isLong ? arg.IndexOf('=', StringComparison.Ordinal) : -1;
             if (eq > 0)
             {
                 option = arg[..eq];
                 value = arg[(eq + 1)..];
+            }
+            else if (!isLong && arg.Length > 2 && ValueOptions.Contains(arg[..2]))
+            {
+                // getopt: a short option's value may be attached (-Tpattern).
+                option = arg[..2];
+                value = arg[2..];
             }
             else
             {
                 option = arg;
             }
             var takesValue = ValueOptions.Contains(option) || (CommandOptions.TryGetValue(option, out var co) && schema.Commands.ContainsKey(co.Command));
+            if (!takesValue && !FlagOptions.Contains(option))
+            {
+                // getopt_long's words.
+                throw new CommandLineException(isLong ? $"unrecognized option '{option}'" : $"invalid option -- '{option[1]}'");
+            }
             if (takesValue && value is null)
             {
                 if (i + 1 >= args.Count)
                 {
-                    throw new CommandLineException($"option '{option}' requires an argument");
+                    throw new CommandLineException(isLong ? $"option '{option}' requires an argument" : $"option requires an argument -- '{option[1]}'");
                 }
                 value = args[++i];
             }
@@ -107,7 +132,7 @@ public sealed class CommandLineParser(SchemaModel schema)
                 AddMonitor(state, value!);
                 return;
             case "--qmp":
-                state.Endpoints.Add(ParseQmpAddress(value!));
+                state.Monitors.Add(new MonitorSpec(ParseQmpAddress(value!), Wait: false, "--qmp " + value));
                 return;
             case "--config":
                 ApplyConfig(state, value!);
@@ -152,65 +177,17 @@ public sealed class CommandLineParser(SchemaModel schema)
 
     private static void AddChardev(ParseState state, string text)
     {
-        JsonObject o;
-        try
+        var spec = ChardevSpec.Parse(text, state.Warnings);
+        if (!state.Chardevs.TryAdd(spec.Id, spec))
         {
-            o = KeyValueSyntax.Parse(text, "backend");
-        }
-        catch (BlockException e)
-        {
-            throw new CommandLineException($"--chardev {text}: {e.Message}");
-        }
-        string? Get(string k) => o[k]?.GetValue<string>();
-        var fail = (string m) => new CommandLineException($"--chardev {text}: {m}");
-        var id = Get("id") ?? throw fail("Parameter 'id' is missing");
-        if (Get("backend") is var backend && backend != "socket")
-        {
-            throw fail($"chardev backend '{backend}' is not supported: backupd serves QMP on 'socket' chardevs only");
-        }
-        foreach (var (key, _) in o)
-        {
-            if (key is not ("backend" or "id" or "path" or "host" or "port" or "server" or "wait" or "nodelay" or "ipv4" or "ipv6" or "abstract"))
-            {
-                throw fail($"Invalid parameter '{key}'");
-            }
-        }
-        if (Get("server") is not ("on" or "yes" or "true" or "y"))
-        {
-            throw fail("backupd only listens: give 'server=on'");
-        }
-        if (Get("wait") is not (null or "off" or "no" or "false" or "n"))
-        {
-            throw fail("'wait=on' is not supported: give 'wait=off'");
-        }
-        QmpEndpoint endpoint;
-        if (Get("path") is { } path)
-        {
-            endpoint = new QmpEndpoint.Unix(path);
-        }
-        else if (Get("host") is { } host && Get("port") is { } port)
-        {
-            endpoint = new QmpEndpoint.Tcp(host, ParsePort(port, fail));
-        }
-        else if (Get("port") is { } onlyPort)
-        {
-            endpoint = new QmpEndpoint.Tcp("0.0.0.0", ParsePort(onlyPort, fail));
-        }
-        else
-        {
-            throw fail("chardev: socket: no host given");
-        }
-        if (!state.Chardevs.TryAdd(id, new ChardevSpec(id, endpoint)))
-        {
-            throw fail($"attempt to add duplicate property '{id}' to object (type 'container')");
+            // QEMU's words: a second socket chardev with the same id collides on its yank instance first.
+            throw new CommandLineException($"--chardev {text}: duplicate yank instance");
         }
     }
 
-    private static int ParsePort(string port, Func<string, CommandLineException> fail) =>
-        int.TryParse(port, NumberStyles.None, CultureInfo.InvariantCulture, out var p) && p <= 65535
-            ? p
-            : throw fail($"Parameter 'port' expects a port number, not '{port}'");
-
+    /// <summary>
+    /// --monitor: QSD reads options in order, so the chardev must come first; one monitor per chardev.
+    /// </summary>
     private static void AddMonitor(ParseState state, string text)
     {
         JsonObject o;
@@ -225,22 +202,32 @@ public sealed class CommandLineParser(SchemaModel schema)
         foreach (var (key, v) in o)
         {
             var s = v?.GetValue<string>();
-            var ok = key switch
+            switch (key)
             {
-                "chardev" or "id" => true,
-                "mode" => s == "control",
-                "pretty" => s is "on" or "off",
-                _ => false,
-            };
-            if (!ok)
-            {
-                throw new CommandLineException(key == "mode"
-                    ? $"--monitor {text}: Only 'mode=control' is supported"
-                    : $"--monitor {text}: Invalid parameter '{key}'");
+                case "chardev" or "id":
+                    break;
+                case "mode" when s != "control":
+                    throw new CommandLineException($"--monitor {text}: Only QMP is supported");
+                case "mode":
+                    break;
+                case "pretty" when s is not ("on" or "off" or "yes" or "no" or "true" or "false"):
+                    throw new CommandLineException($"--monitor {text}: Parameter 'pretty' expects 'on' or 'off'");
+                case "pretty":
+                    break;
+                default:
+                    throw new CommandLineException($"--monitor {text}: Parameter '{key}' is unexpected");
             }
         }
         var chardev = o["chardev"]?.GetValue<string>() ?? throw new CommandLineException($"--monitor {text}: Parameter 'chardev' is missing");
-        state.Monitors.Add((chardev, text));
+        if (!state.Chardevs.TryGetValue(chardev, out var spec))
+        {
+            throw new CommandLineException($"--monitor {text}: chardev \"{chardev}\" not found");
+        }
+        if (!state.UsedChardevs.Add(chardev))
+        {
+            throw new CommandLineException($"--monitor {text}: Device '{chardev}' is in use");
+        }
+        state.Monitors.Add(new MonitorSpec(spec.Endpoint, spec.Wait, "--chardev " + spec.Text));
     }
 
     /// <summary><c>unix:PATH</c> or <c>tcp:HOST:PORT</c>.</summary>
@@ -329,37 +316,21 @@ public sealed class CommandLineParser(SchemaModel schema)
         public LogLevel? LogLevel;
         public readonly List<StartupCommand> Commands = [];
         public readonly Dictionary<string, ChardevSpec> Chardevs = new(StringComparer.Ordinal);
-        public readonly List<(string Chardev, string Text)> Monitors = [];
-        public readonly List<QmpEndpoint> Endpoints = [];
+        public readonly HashSet<string> UsedChardevs = new(StringComparer.Ordinal);
+        public readonly List<MonitorSpec> Monitors = [];
+        public readonly List<string> Warnings = [];
 
-        public DaemonOptions Build()
+        public DaemonOptions Build() => new()
         {
-            var endpoints = new List<QmpEndpoint>();
-            var used = new HashSet<string>(StringComparer.Ordinal);
-            foreach (var (chardev, text) in Monitors)
-            {
-                if (!Chardevs.TryGetValue(chardev, out var spec))
-                {
-                    throw new CommandLineException($"--monitor {text}: chardev \"{chardev}\" not found");
-                }
-                if (!used.Add(chardev))
-                {
-                    throw new CommandLineException($"--monitor {text}: chardev \"{chardev}\" is already used by another monitor");
-                }
-                endpoints.Add(spec.Endpoint);
-            }
-            endpoints.AddRange(Endpoints);
-            return new DaemonOptions
-            {
-                StartupCommands = Commands,
-                QmpEndpoints = endpoints,
-                PidFile = PidFile,
-                Daemonize = Daemonize,
-                LogFile = LogFile,
-                LogLevel = LogLevel,
-                ShowHelp = Help,
-                ShowVersion = Version,
-            };
-        }
+            StartupCommands = Commands,
+            Monitors = Monitors,
+            Warnings = Warnings,
+            PidFile = PidFile,
+            Daemonize = Daemonize,
+            LogFile = LogFile,
+            LogLevel = LogLevel,
+            ShowHelp = Help,
+            ShowVersion = Version,
+        };
     }
 }

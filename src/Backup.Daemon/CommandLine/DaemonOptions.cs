@@ -15,14 +15,23 @@ namespace Backup.Daemon.CommandLine;
 /// <param name="Arguments">The validated arguments.</param>
 public sealed record StartupCommand(string Option, string Text, string Command, JsonObject Arguments);
 
-/// <summary>A QMP character device: only listening sockets are meaningful for a daemon.</summary>
-public sealed record ChardevSpec(string Id, QmpEndpoint Endpoint);
+/// <summary>A QMP monitor: where it is served, whether start-up waits for its first client, and where it was asked for.</summary>
+/// <param name="Endpoint">The listener or connection.</param>
+/// <param name="Wait">QEMU's <c>wait=on</c>: start-up goes on once a client has connected.</param>
+/// <param name="Origin">The option that asked for it (e.g. "--chardev socket,id=m,fd=3,server=on"), for messages.</param>
+public sealed record MonitorSpec(QmpEndpoint Endpoint, bool Wait, string Origin);
 
 /// <summary>Everything the command line (or --config) asked for, checked and ready to apply.</summary>
 public sealed record DaemonOptions
 {
     public IReadOnlyList<StartupCommand> StartupCommands { get; init; } = [];
-    public IReadOnlyList<QmpEndpoint> QmpEndpoints { get; init; } = [];
+    /// <summary>The QMP monitors, in command-line order (--monitor, then --qmp).</summary>
+    public IReadOnlyList<MonitorSpec> Monitors { get; init; } = [];
+
+    public IReadOnlyList<QmpEndpoint> QmpEndpoints => Monitors.Select(m => m.Endpoint).ToList();
+
+    /// <summary>Warnings to print before start-up, in QEMU's words (deprecated option forms).</summary>
+    public IReadOnlyList<string> Warnings { get; init; } = [];
     public string? PidFile { get; init; }
     public bool Daemonize { get; init; }
     public string? LogFile { get; init; }

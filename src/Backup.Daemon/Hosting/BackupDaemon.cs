@@ -49,10 +49,12 @@ public sealed class BackupDaemon(
         try
         {
             var commands = options.StartupCommands;
-            var endpoints = options.QmpEndpoints;
+            var monitors = options.Monitors;
             if (options.DemoMode)
             {
-                (commands, endpoints) = demo.Prepare();
+                IReadOnlyList<QmpEndpoint> demoEndpoints;
+                (commands, demoEndpoints) = demo.Prepare();
+                monitors = demoEndpoints.Select(e => new MonitorSpec(e, Wait: false, "--qmp " + e)).ToList();
             }
             foreach (var c in commands)
             {
@@ -79,20 +81,31 @@ public sealed class BackupDaemon(
                 // Before the sockets: whoever waits for a socket may rely on the pid file being there.
                 WritePidFile(pidFile);
             }
-            foreach (var e in endpoints)
+            foreach (var m in monitors)
             {
+                Task firstClient;
                 try
                 {
-                    var bound = server.Listen(e);
+                    var bound = server.Open(m.Endpoint, out firstClient);
                     readiness.Listening(bound);
+                }
+                catch (QmpEndpointException ex)
+                {
+                    throw new StartupException($"{m.Origin}: {ex.Message}");
                 }
                 catch (SocketException ex)
                 {
-                    throw new StartupException($"Failed to bind socket to {e}: {ex.Message}");
+                    throw new StartupException($"{m.Origin}: Failed to bind socket to {m.Endpoint}: {ex.Message}");
+                }
+                if (m.Wait)
+                {
+                    // QEMU's wait=on: start-up (and so the pid file's last word, readiness) waits for a client.
+                    await Console.Error.WriteLineAsync($"backupd: {m.Origin}: info: waiting for connection on: {m.Endpoint},server=on").ConfigureAwait(false);
+                    await firstClient.WaitAsync(cancellationToken).ConfigureAwait(false);
                 }
             }
-            logger.LogInformation("backupd {Version} ready: {Nodes} node(s), {Listeners} QMP listener(s)",
-                VersionInfo.ProductVersion, graph.Nodes.Count, endpoints.Count);
+            logger.LogInformation("backupd {Version} ready: {Nodes} node(s), {Listeners} QMP monitor(s)",
+                VersionInfo.ProductVersion, graph.Nodes.Count, monitors.Count);
             readiness.Ready();
         }
         catch
@@ -112,6 +125,8 @@ public sealed class BackupDaemon(
 
     private async Task CleanUpAsync()
     {
+        // As QSD at SIGTERM: the QMP clients see BLOCK_EXPORT_DELETED for every export before they are dropped.
+        await nbd.RemoveAllExportsAsync().ConfigureAwait(false);
         await server.StopAsync().ConfigureAwait(false);
         await nbd.StopAsync().ConfigureAwait(false);
         // Jobs end (cancelled, their bitmaps restored) before the nodes they use are closed.
@@ -159,8 +174,11 @@ public sealed class BackupDaemon(
 }
 
 /// <summary>Lets quit stop the host the same way a signal does.</summary>
-public sealed class HostShutdownRequester(IHostApplicationLifetime lifetime, ILogger<HostShutdownRequester> logger) : IShutdownRequester
+public sealed class HostShutdownRequester(IHostApplicationLifetime lifetime, NbdServer nbd, ILogger<HostShutdownRequester> logger) : IShutdownRequester
 {
+    public async ValueTask BeforeQuitReplyAsync(CancellationToken cancellationToken) =>
+        await nbd.RemoveAllExportsAsync().ConfigureAwait(false);
+
     public void RequestShutdown(string reason)
     {
         logger.LogInformation("shutdown requested: {Reason}", reason);

@@ -95,14 +95,14 @@ public sealed class NbdCommands(NbdServer server) : ICommandModule
     public static NbdServerAddress ParseLegacyAddress(JsonObject addr)
     {
         ArgumentNullException.ThrowIfNull(addr);
-        return ParseAddress(addr["type"]!.GetValue<string>(), addr["data"]!.AsObject());
+        return ParseAddress(addr["type"]!.GetValue<string>(), addr["data"]!.AsObject(), fromCommandLine: false);
     }
 
     /// <summary>--nbd-server's <c>addr</c> (SocketAddress: members inline).</summary>
     public static NbdServerAddress ParseFlatAddress(JsonObject addr)
     {
         ArgumentNullException.ThrowIfNull(addr);
-        return ParseAddress(addr["type"]!.GetValue<string>(), addr);
+        return ParseAddress(addr["type"]!.GetValue<string>(), addr, fromCommandLine: true);
     }
 
     /// <summary>Starts the server from NbdServerOptions (the validated --nbd-server option).</summary>
@@ -114,12 +114,17 @@ public sealed class NbdCommands(NbdServer server) : ICommandModule
             nbdServerOptions["tls-creds"]?.GetValue<string>());
     }
 
-    private static NbdServerAddress ParseAddress(string type, JsonObject data) => type switch
+    /// <summary>
+    /// A descriptor number is honoured only on the command line, as in QSD: there it names an fd the
+    /// parent passed; in a QMP command it would name a monitor fd (getfd), which QSD does not have.
+    /// </summary>
+    private static NbdServerAddress ParseAddress(string type, JsonObject data, bool fromCommandLine) => type switch
     {
         "unix" => new NbdUnixAddress(data["path"]!.GetValue<string>(), data["abstract"]?.GetValue<bool>() ?? false),
         "inet" => new NbdInetAddress(data["host"]!.GetValue<string>(), data["port"]!.GetValue<string>(),
             data["ipv4"]?.GetValue<bool>(), data["ipv6"]?.GetValue<bool>()),
         "vsock" => throw new BlockException("Failed to bind socket: Cannot assign requested address"),
+        "fd" when fromCommandLine => new NbdFdAddress(data["str"]!.GetValue<string>()),
         _ => throw new BlockException("only QEMU supports file descriptor passing"),
     };
 

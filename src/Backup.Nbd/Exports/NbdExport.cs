@@ -110,6 +110,22 @@ public sealed class NbdExport
         return flags;
     }
 
+    /// <summary>
+    /// Connections whose client is still there. One whose client has already closed its socket does not
+    /// count, even before its own reader has seen the end: QSD has noticed such a client by the time a
+    /// block-export-del that follows the client's death runs, so a safe delete must not fail on it.
+    /// </summary>
+    public int LiveConnectionCount
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _connections.Count(c => !c.PeerGone);
+            }
+        }
+    }
+
     /// <summary>Registers a connection that finished its handshake on this export; false once the export is going away.</summary>
     internal bool TryAttach(Server.NbdConnection connection)
     {

@@ -111,6 +111,12 @@ public sealed class NbdConnection : IDisposable
         }
     }
 
+    /// <summary>
+    /// The client has closed or reset its end (e.g. it was killed), though this connection may not have
+    /// read the end of its stream yet.
+    /// </summary>
+    internal bool PeerGone => PeerProbe.PeerGone(_socket);
+
     /// <summary>Drops the connection: pending reads and writes fail, running requests are cancelled.</summary>
     internal void Abort()
     {

@@ -178,6 +178,23 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
 
     public ValueTask DisposeAsync() => StopAsync();
 
+    /// <summary>
+    /// Closes every export in the order they were added, each emitting BLOCK_EXPORT_DELETED, and leaves
+    /// the server listening (QSD's quit and SIGTERM: exports go before the monitors do).
+    /// </summary>
+    public async ValueTask RemoveAllExportsAsync()
+    {
+        List<NbdExport> exports;
+        lock (_lock)
+        {
+            exports = [.. _exports];
+        }
+        foreach (var e in exports)
+        {
+            await RemoveExportCoreAsync(e).ConfigureAwait(false);
+        }
+    }
+
     private static Socket Bind(NbdServerAddress address)
     {
         switch (address)
@@ -242,8 +259,44 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
                 }
                 throw new BlockException($"Failed to bind socket: {last?.Message ?? "Address family not supported"}");
             }
+            case NbdFdAddress fd:
+                return AdoptListener(fd.Str);
             default:
-                throw new BlockException("only QEMU supports file descriptor passing");
+                throw new BlockException("unsupported socket address");
+        }
+    }
+
+    /// <summary>
+    /// A descriptor the parent passed: QEMU's texts for a number it cannot parse and for one that is not
+    /// a socket (also when nothing is open under it); listen() is called on it as QEMU does.
+    /// </summary>
+    private static Socket AdoptListener(string str)
+    {
+        if (!int.TryParse(str, System.Globalization.NumberStyles.AllowLeadingSign, System.Globalization.CultureInfo.InvariantCulture, out var fd))
+        {
+            throw new BlockException($"Unable to parse FD number {str}");
+        }
+        Socket? socket = null;
+        try
+        {
+            socket = new Socket(new SafeSocketHandle(fd, ownsHandle: true));
+            // The constructor does not look at the descriptor; SO_TYPE fails for a file or a closed number.
+            _ = socket.GetSocketOption(SocketOptionLevel.Socket, SocketOptionName.Type);
+        }
+        catch (SocketException)
+        {
+            socket?.Dispose();
+            throw new BlockException($"File descriptor '{fd}' is not a socket");
+        }
+        try
+        {
+            socket.Listen(128);
+            return socket;
+        }
+        catch (SocketException e)
+        {
+            socket.Dispose();
+            throw new BlockException($"Failed to listen on fd socket: {e.Message}");
         }
     }
 
@@ -264,12 +317,19 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
 
     private static void CloseListener(Socket listener, NbdServerAddress address)
     {
+        // QEMU removes the socket file of a Unix listener, an inherited one's included.
+        var path = address switch
+        {
+            NbdUnixAddress { Abstract: false } unix => unix.Path,
+            NbdFdAddress => BoundPath(listener),
+            _ => null,
+        };
         listener.Dispose();
-        if (address is NbdUnixAddress { Abstract: false } unix)
+        if (path is not null)
         {
             try
             {
-                File.Delete(unix.Path);
+                File.Delete(path);
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
@@ -278,10 +338,26 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
         }
     }
 
+    /// <summary>The file a Unix listener is bound to; null for TCP, abstract or unnamed sockets.</summary>
+    private static string? BoundPath(Socket socket)
+    {
+        try
+        {
+            return socket.LocalEndPoint is UnixDomainSocketEndPoint u && u.ToString() is { Length: > 0 } p && p[0] is not ('\0' or '@')
+                ? p
+                : null;
+        }
+        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        {
+            return null;
+        }
+    }
+
     private static string Describe(NbdServerAddress address) => address switch
     {
         NbdUnixAddress u => "unix:" + u.Path,
         NbdInetAddress i => $"{i.Host}:{i.Port}",
+        NbdFdAddress f => "fd:" + f.Str,
         _ => address.ToString()!,
     };
 
@@ -484,7 +560,8 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
         {
             throw new BlockException($"Export '{id}' is already shutting down");
         }
-        if (!hard && export.ConnectionCount > 0)
+        // Clients that have gone but whose connections have not wound down yet are dropped like hard mode's.
+        if (!hard && export.LiveConnectionCount > 0)
         {
             throw new BlockException($"export '{id}' still in use");
         }

@@ -8,3 +8,9 @@ public sealed record NbdUnixAddress(string Path, bool Abstract = false) : NbdSer
 
 /// <summary>A TCP socket; <paramref name="Port"/> is a string as in QEMU (port 0 picks a free one).</summary>
 public sealed record NbdInetAddress(string Host, string Port, bool? Ipv4 = null, bool? Ipv6 = null) : NbdServerAddress;
+
+/// <summary>
+/// A socket the parent process passed (QEMU's <c>addr.type=fd,addr.str=N</c>): adopted and listened on.
+/// <paramref name="Str"/> is the descriptor's number as given.
+/// </summary>
+public sealed record NbdFdAddress(string Str) : NbdServerAddress;

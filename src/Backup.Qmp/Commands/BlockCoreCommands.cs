@@ -3,7 +3,7 @@ using Backup.Block;
 
 namespace Backup.Qmp.Commands;
 
-/// <summary>blockdev-add, blockdev-del, query-named-block-nodes, query-block.</summary>
+/// <summary>blockdev-add, blockdev-del, block_resize, query-named-block-nodes, query-block.</summary>
 public sealed class BlockCoreCommands(BlockGraph graph) : ICommandModule
 {
     public void Register(CommandTable table)
@@ -17,6 +17,12 @@ public sealed class BlockCoreCommands(BlockGraph graph) : ICommandModule
         table.Add("blockdev-del", async (args, _, _) =>
         {
             await graph.RemoveAsync(args["node-name"]!.GetValue<string>()).ConfigureAwait(false);
+            return null;
+        });
+        table.Add("block_resize", async (args, _, ct) =>
+        {
+            await NodeResize.ResizeAsync(graph, args["device"]?.GetValue<string>(), args["node-name"]?.GetValue<string>(),
+                args["size"]!.GetValue<long>(), ct).ConfigureAwait(false);
             return null;
         });
         table.Add("query-named-block-nodes", (args, _, _) =>

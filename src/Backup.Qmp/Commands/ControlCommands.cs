@@ -21,11 +21,13 @@ public sealed class ControlCommands(SchemaModel schema, VersionInfo version, ISh
         table.Add("query-commands", (_, _, _) => ValueTask.FromResult<JsonNode?>(new JsonArray(
             schema.Commands.Keys.Order(StringComparer.Ordinal).Select(n => (JsonNode)new JsonObject { ["name"] = n }).ToArray())));
         table.Add("query-qmp-schema", (_, _, _) => ValueTask.FromResult<JsonNode?>(_introspection.Value.DeepClone()));
-        table.Add("quit", (_, ctx, _) =>
+        table.Add("quit", async (_, ctx, ct) =>
         {
-            // QEMU answers quit before it goes: the reply is queued, then shutdown starts.
+            // QSD's client sees each export's BLOCK_EXPORT_DELETED before the quit reply; then the reply
+            // is queued, then shutdown starts.
+            await shutdown.BeforeQuitReplyAsync(ct).ConfigureAwait(false);
             ctx.AfterReply(() => shutdown.RequestShutdown("host-qmp-quit"));
-            return ValueTask.FromResult<JsonNode?>(null);
+            return null;
         });
     }
 }
@@ -34,4 +36,10 @@ public sealed class ControlCommands(SchemaModel schema, VersionInfo version, ISh
 public interface IShutdownRequester
 {
     void RequestShutdown(string reason);
+
+    /// <summary>
+    /// What QSD has done by the time its quit reply reaches the client: every export closed, each with
+    /// its BLOCK_EXPORT_DELETED event.
+    /// </summary>
+    ValueTask BeforeQuitReplyAsync(CancellationToken cancellationToken) => ValueTask.CompletedTask;
 }

@@ -21,7 +21,8 @@ public static class NodeInfo
             ["iops_wr"] = 0,
             ["ro"] = node.ReadOnly,
             ["node-name"] = node.NodeName,
-            ["backing_file_depth"] = BackingDepth(node),
+            // QEMU counts the depth while it walks the chain for backing-image, a walk flat skips: 0.
+            ["backing_file_depth"] = flat ? 0 : BackingDepth(node),
             ["drv"] = node.DriverName,
             ["iops"] = 0,
             ["bps_wr"] = 0,
@@ -60,13 +61,15 @@ public static class NodeInfo
 
     /// <summary>The next layer down: the backing child, or a filter's file child (bdrv_filter_or_cow_bs).</summary>
     private static BlockNode? Backing(BlockNode node) =>
-        node.Children.FirstOrDefault(c => c.Role == (node.IsFilter ? "file" : "backing"))?.Node;
+        node.IsFilter ? node.PrimaryChild : node.Children.FirstOrDefault(c => c.Role == "backing")?.Node;
 
     private static JsonObject Image(ImageInfo i, bool flat)
     {
         var o = new JsonObject
         {
-            ["virtual-size"] = i.VirtualSize,
+            // QEMU keeps lengths in 512-byte sectors (bdrv_getlength), so an image file whose size is
+            // not a multiple of 512 (a fresh qcow2 file: 196616 bytes) shows the size rounded up.
+            ["virtual-size"] = (i.VirtualSize + 511) / 512 * 512,
             ["filename"] = i.Filename,
         };
         if (i.ClusterSize is { } cs)
@@ -98,7 +101,10 @@ public static class NodeInfo
         {
             o["backing-image"] = Image(bi, flat);
         }
-        o["dirty-flag"] = i.DirtyFlag;
+        if (i.DirtyFlag is { } dirty)
+        {
+            o["dirty-flag"] = dirty;
+        }
         return o;
     }
 }

@@ -7,9 +7,16 @@ using Microsoft.Extensions.Logging;
 
 namespace Backup.Qmp.Server;
 
-/// <summary>Where a QMP listener listens.</summary>
+/// <summary>
+/// Where a QMP monitor is served: a listener (a socket this daemon binds, or a listening socket it
+/// inherited as a file descriptor) that accepts any number of clients, or one connection (one this
+/// daemon makes, QEMU's client-mode chardev, or a connected socket it inherited).
+/// </summary>
 public abstract record QmpEndpoint
 {
+    /// <summary>True for the kinds that are one connection rather than a listener.</summary>
+    public virtual bool IsConnection => false;
+
     public sealed record Unix(string Path) : QmpEndpoint
     {
         public override string ToString() => "unix:" + Path;
@@ -19,6 +26,44 @@ public abstract record QmpEndpoint
     {
         public override string ToString() => $"tcp:{Host}:{Port}";
     }
+
+    /// <summary>A socket passed by the parent process (<c>fd=N,server=on</c>); listened on if it is not yet.</summary>
+    public sealed record InheritedListener(int Fd) : QmpEndpoint
+    {
+        public override string ToString() => $"fd:{Fd}";
+    }
+
+    /// <summary>A connected socket passed by the parent (<c>fd=N</c> without server, e.g. one end of a socketpair).</summary>
+    public sealed record InheritedConnection(int Fd) : QmpEndpoint
+    {
+        public override bool IsConnection => true;
+
+        public override string ToString() => $"fd:{Fd}";
+    }
+
+    /// <summary>A Unix socket this daemon connects to (<c>path=P</c> without server): the client listens, as iotests' harness does.</summary>
+    public sealed record UnixConnect(string Path) : QmpEndpoint
+    {
+        public override bool IsConnection => true;
+
+        public override string ToString() => "unix:" + Path;
+    }
+
+    /// <summary>A TCP address this daemon connects to (<c>host=H,port=P</c> without server).</summary>
+    public sealed record TcpConnect(string Host, int Port) : QmpEndpoint
+    {
+        public override bool IsConnection => true;
+
+        public override string ToString() => $"{Host}:{Port}";
+    }
+}
+
+/// <summary>A QMP endpoint could not be opened; the message is QEMU's text for it.</summary>
+public sealed class QmpEndpointException(string message) : Exception(message)
+{
+    public QmpEndpointException() : this("cannot open the QMP endpoint") { }
+
+    public QmpEndpointException(string message, Exception inner) : this(message + ": " + inner.Message) { }
 }
 
 /// <summary>
@@ -58,10 +103,26 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
         }
     }
 
-    /// <summary>Binds a listener now (so that errors surface before the daemon reports itself ready) and starts accepting.</summary>
-    public QmpEndpoint Listen(QmpEndpoint endpoint)
+    /// <summary>
+    /// Opens an endpoint now, so that errors surface before the daemon reports itself ready: binds (or
+    /// adopts) a listener and starts accepting, or makes (or adopts) the one connection and starts its
+    /// session. Throws <see cref="QmpEndpointException"/> with QEMU's text. Returns the endpoint with
+    /// TCP port 0 resolved to the port actually bound.
+    /// </summary>
+    /// <param name="endpoint">Where.</param>
+    /// <param name="firstClient">Completed when the first client of this endpoint has connected
+    /// (at once for a connection); QEMU's <c>wait=on</c> holds start-up on it.</param>
+    public QmpEndpoint Open(QmpEndpoint endpoint, out Task firstClient)
     {
         ArgumentNullException.ThrowIfNull(endpoint);
+        if (endpoint.IsConnection)
+        {
+            var connection = Connect(endpoint);
+            _tasks.Add(RunSessionAsync(connection, endpoint.ToString()));
+            _logger.LogInformation("QMP monitor on connection {Endpoint}", endpoint);
+            firstClient = Task.CompletedTask;
+            return endpoint;
+        }
         Socket socket;
         switch (endpoint)
         {
@@ -72,7 +133,7 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
                     File.Delete(u.Path);
                 }
                 socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-                socket.Bind(new UnixDomainSocketEndPoint(u.Path));
+                Bind(socket, new UnixDomainSocketEndPoint(u.Path), u.Path);
                 break;
             case QmpEndpoint.Tcp t:
                 var address = t.Host is "" or "0.0.0.0" ? IPAddress.Any
@@ -80,20 +141,124 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
                     : Dns.GetHostAddresses(t.Host).First();
                 socket = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
                 socket.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-                socket.Bind(new IPEndPoint(address, t.Port));
+                Bind(socket, new IPEndPoint(address, t.Port), $"{t.Host}:{t.Port}");
                 endpoint = t with { Port = ((IPEndPoint)socket.LocalEndPoint!).Port };
+                break;
+            case QmpEndpoint.InheritedListener f:
+                socket = AdoptSocket(f.Fd);
                 break;
             default:
                 throw new ArgumentException("unknown endpoint", nameof(endpoint));
         }
-        socket.Listen(128);
+        try
+        {
+            // QEMU calls listen() on an inherited socket too: a bound one starts listening, a connected
+            // one (a socketpair) fails with EINVAL.
+            socket.Listen(128);
+        }
+        catch (SocketException e)
+        {
+            socket.Dispose();
+            throw new QmpEndpointException(endpoint is QmpEndpoint.InheritedListener
+                ? $"Failed to listen on fd socket: {e.Message}"
+                : $"Failed to listen on socket: {e.Message}");
+        }
+        var first = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        firstClient = first.Task;
         _listeners.Add((socket, endpoint));
-        _tasks.Add(AcceptLoopAsync(socket, endpoint));
+        _tasks.Add(AcceptLoopAsync(socket, endpoint, first));
         _logger.LogInformation("QMP listening on {Endpoint}", endpoint);
         return endpoint;
     }
 
-    private async Task AcceptLoopAsync(Socket listener, QmpEndpoint endpoint)
+    private static void Bind(Socket socket, EndPoint address, string shown)
+    {
+        try
+        {
+            socket.Bind(address);
+        }
+        catch (SocketException e)
+        {
+            socket.Dispose();
+            throw new QmpEndpointException($"Failed to bind socket to {shown}: {e.Message}");
+        }
+    }
+
+    /// <summary>
+    /// A socket the parent process passed as a file descriptor. QEMU says the same for a number that
+    /// is no open descriptor as for one that is not a socket.
+    /// </summary>
+    private static Socket AdoptSocket(int fd)
+    {
+        Socket? socket = null;
+        try
+        {
+            socket = new Socket(new SafeSocketHandle(fd, ownsHandle: true));
+            // The constructor does not look at the descriptor; SO_TYPE fails for a file or a closed number.
+            _ = socket.GetSocketOption(SocketOptionLevel.Socket, SocketOptionName.Type);
+            return socket;
+        }
+        catch (SocketException)
+        {
+            socket?.Dispose();
+            throw new QmpEndpointException($"File descriptor '{fd}' is not a socket");
+        }
+    }
+
+    private static Socket Connect(QmpEndpoint endpoint)
+    {
+        switch (endpoint)
+        {
+            case QmpEndpoint.InheritedConnection f:
+                return AdoptSocket(f.Fd);
+            case QmpEndpoint.UnixConnect u:
+            {
+                var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+                try
+                {
+                    socket.Connect(new UnixDomainSocketEndPoint(u.Path));
+                    return socket;
+                }
+                catch (SocketException e)
+                {
+                    socket.Dispose();
+                    throw new QmpEndpointException($"Failed to connect to '{u.Path}': {ConnectError(e)}");
+                }
+            }
+            case QmpEndpoint.TcpConnect t:
+            {
+                var socket = new Socket(SocketType.Stream, ProtocolType.Tcp);
+                try
+                {
+                    socket.Connect(t.Host, t.Port);
+                    socket.NoDelay = true;
+                    return socket;
+                }
+                catch (SocketException e)
+                {
+                    socket.Dispose();
+                    throw new QmpEndpointException($"Failed to connect to '{t.Host}:{t.Port}': {ConnectError(e)}");
+                }
+            }
+            default:
+                throw new ArgumentException("unknown endpoint", nameof(endpoint));
+        }
+    }
+
+    /// <summary>
+    /// strerror's words for the usual connect failures: .NET reports a missing Unix socket file (ENOENT)
+    /// as AddressNotAvailable and appends the path to its texts.
+    /// </summary>
+    private static string ConnectError(SocketException e) => e.SocketErrorCode switch
+    {
+        SocketError.AddressNotAvailable => "No such file or directory",
+        SocketError.ConnectionRefused => "Connection refused",
+        SocketError.AccessDenied => "Permission denied",
+        SocketError.HostNotFound => "Name or service not known",
+        _ => e.Message,
+    };
+
+    private async Task AcceptLoopAsync(Socket listener, QmpEndpoint endpoint, TaskCompletionSource firstClient)
     {
         var ct = _stopping.Token;
         while (!ct.IsCancellationRequested)
@@ -109,6 +274,7 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
                 {
                     _logger.LogError(e, "QMP accept on {Endpoint} failed", endpoint);
                 }
+                firstClient.TrySetCanceled(CancellationToken.None);
                 return;
             }
             if (client.AddressFamily != AddressFamily.Unix)
@@ -117,6 +283,7 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
             }
             var peer = client.RemoteEndPoint?.ToString() is { Length: > 0 } r ? r : endpoint.ToString();
             _ = RunSessionAsync(client, peer);
+            firstClient.TrySetResult();
         }
     }
 
@@ -194,16 +361,23 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
         await _stopping.CancelAsync().ConfigureAwait(false);
         foreach (var (socket, endpoint) in _listeners)
         {
+            // QEMU removes the socket file of a Unix listener at exit, an inherited one's included.
+            var path = endpoint switch
+            {
+                QmpEndpoint.Unix u => u.Path,
+                QmpEndpoint.InheritedListener => ListeningPath(socket),
+                _ => null,
+            };
             socket.Dispose();
-            if (endpoint is QmpEndpoint.Unix u)
+            if (path is not null)
             {
                 try
                 {
-                    File.Delete(u.Path);
+                    File.Delete(path);
                 }
                 catch (IOException e)
                 {
-                    _logger.LogWarning("could not remove {Path}: {Error}", u.Path, e.Message);
+                    _logger.LogWarning("could not remove {Path}: {Error}", path, e.Message);
                 }
             }
         }
@@ -217,6 +391,21 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
             s.Close();
         }
         await Task.WhenAll(_tasks).ConfigureAwait(false);
+    }
+
+    /// <summary>The file a Unix listener is bound to; null for TCP, abstract or unnamed sockets.</summary>
+    private static string? ListeningPath(Socket socket)
+    {
+        try
+        {
+            return socket.LocalEndPoint is UnixDomainSocketEndPoint u && u.ToString() is { Length: > 0 } p && p[0] is not ('\0' or '@')
+                ? p
+                : null;
+        }
+        catch (SocketException)
+        {
+            return null;
+        }
     }
 
     public async ValueTask DisposeAsync()

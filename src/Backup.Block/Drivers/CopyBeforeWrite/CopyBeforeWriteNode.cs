@@ -73,6 +73,9 @@ public sealed class CopyBeforeWriteNode : BlockNode
 
     public override bool IsFilter => true;
 
+    /// <summary>QEMU's filter takes its source's size as fixed while the backup runs.</summary>
+    public override bool SharesResize(BlockChild child) => false;
+
     public override string Filename => _file.Filename;
 
     public override long Length => _file.Length;

@@ -131,8 +131,12 @@ public sealed partial class Qcow2Node
                     await FlushRunAsync().ConfigureAwait(false);
                     cow ??= ArrayPool<byte>.Shared.Rent(_clusterSize);
                     var cluster = cow.AsMemory(0, _clusterSize);
+                    // QEMU's copy-on-write of a partly written new cluster: cow_read, then one merged
+                    // write of the old data and the new (cow_write, no write_aio).
+                    await _file.DebugEventAsync(BlkdebugEvent.CowRead).ConfigureAwait(false);
                     await ReadClusterSourceAsync(guest - intra, p.Old, cluster, cancellationToken).ConfigureAwait(false);
                     data.Slice(pos, n).CopyTo(cluster[intra..]);
+                    await _file.DebugEventAsync(BlkdebugEvent.CowWrite).ConfigureAwait(false);
                     await _data.WriteAsync(p.Host, cluster, WriteFlags.None, cancellationToken).ConfigureAwait(false);
                 }
                 else
@@ -165,6 +169,7 @@ public sealed partial class Qcow2Node
         {
             if (runLength > 0)
             {
+                await _file.DebugEventAsync(BlkdebugEvent.WriteAio).ConfigureAwait(false);
                 await _data.WriteAsync(runHost, data.Slice(runStart, runLength), WriteFlags.None, cancellationToken).ConfigureAwait(false);
                 runLength = 0;
             }

@@ -104,6 +104,7 @@ public sealed partial class Qcow2Node
         }
         var host = await AllocateCompressedBytesAsync(compressed.Length, cancellationToken).ConfigureAwait(false);
         // Data first, then the entry that points at it.
+        await _file.DebugEventAsync(BlkdebugEvent.WriteCompressed).ConfigureAwait(false);
         await _file.WriteAsync(host, compressed, WriteFlags.None, cancellationToken).ConfigureAwait(false);
         var x = 62 - (_clusterBits - 8);
         // The descriptor stores the number of 512-byte sectors touched, less one.

@@ -140,7 +140,11 @@ public sealed partial class Qcow2Node
                     switch (m.Kind)
                     {
                         case ClusterKind.DataCopied or ClusterKind.DataShared when m.HostOffset + m.Length <= _data.Length:
-                            var read = _data.ReadAsync(m.HostOffset, buffer, cancellationToken);
+                            // QEMU raises read_aio on the file child before a data read (blkdebug reacts).
+                            var ev = _file.DebugEventAsync(BlkdebugEvent.ReadAio);
+                            var read = ev.IsCompletedSuccessfully
+                                ? _data.ReadAsync(m.HostOffset, buffer, cancellationToken)
+                                : ReadAfterEventAsync(ev, m.HostOffset, buffer, cancellationToken);
                             if (!read.IsCompletedSuccessfully)
                             {
                                 var pending = FinishLockFreeAsync(read, parity);
@@ -164,6 +168,12 @@ public sealed partial class Qcow2Node
             }
         }
         return ReadSlowAsync(offset, buffer, cancellationToken);
+    }
+
+    private async ValueTask ReadAfterEventAsync(ValueTask ev, long host, Memory<byte> buffer, CancellationToken cancellationToken)
+    {
+        await ev.ConfigureAwait(false);
+        await _data.ReadAsync(host, buffer, cancellationToken).ConfigureAwait(false);
     }
 
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
@@ -227,18 +237,24 @@ public sealed partial class Qcow2Node
         switch (m.Kind)
         {
             case ClusterKind.DataCopied or ClusterKind.DataShared:
+                await _file.DebugEventAsync(BlkdebugEvent.ReadAio).ConfigureAwait(false);
                 await ReadFileAsync(_data, m.HostOffset, destination, cancellationToken).ConfigureAwait(false);
                 break;
             case ClusterKind.Zero:
                 destination.Span.Clear();
                 break;
             case ClusterKind.Unallocated:
+                if (_backing is not null)
+                {
+                    await _file.DebugEventAsync(BlkdebugEvent.ReadBackingAio).ConfigureAwait(false);
+                }
                 await ReadBackingAsync(guestOffset, destination, cancellationToken).ConfigureAwait(false);
                 break;
             case ClusterKind.Compressed:
                 var cluster = ArrayPool<byte>.Shared.Rent(_clusterSize);
                 try
                 {
+                    await _file.DebugEventAsync(BlkdebugEvent.ReadCompressed).ConfigureAwait(false);
                     await DecompressAsync(m.Entry, cluster.AsMemory(0, _clusterSize), cancellationToken).ConfigureAwait(false);
                     cluster.AsSpan((int)(guestOffset & (_clusterSize - 1)), destination.Length).CopyTo(destination.Span);
                 }
@@ -365,6 +381,7 @@ public sealed partial class Qcow2Node
                 {
                     break;
                 }
+                await _file.DebugEventAsync(BlkdebugEvent.WriteAio).ConfigureAwait(false);
                 await _data.WriteAsync(m.HostOffset, data.Slice(pos, m.Length), WriteFlags.None, cancellationToken).ConfigureAwait(false);
                 pos += m.Length;
             }

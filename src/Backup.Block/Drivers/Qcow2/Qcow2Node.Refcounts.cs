@@ -285,6 +285,7 @@ public sealed partial class Qcow2Node
                 var align = Math.Min(MetadataWriteAlignment, _clusterSize);
                 dirtyStart = dirtyStart / align * align;
                 dirtyEnd = Math.Min(_clusterSize, (dirtyEnd + align - 1) / align * align);
+                await _file.DebugEventAsync(BlkdebugEvent.RefblockUpdatePart).ConfigureAwait(false);
                 await _file.WriteAsync(blockOffset + dirtyStart, block.AsMemory(dirtyStart, dirtyEnd - dirtyStart),
                     flags, cancellationToken).ConfigureAwait(false);
             }
@@ -463,6 +464,7 @@ public sealed partial class Qcow2Node
             {
                 BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(i * 8), Volatile.Read(ref table[first + i]));
             }
+            await _file.DebugEventAsync(BlkdebugEvent.L2Update).ConfigureAwait(false);
             await _file.WriteAsync(l2Offset + first * 8L, bytes.AsMemory(0, count * 8), WriteFlags.None, cancellationToken)
                 .ConfigureAwait(false);
         }
@@ -479,6 +481,7 @@ public sealed partial class Qcow2Node
     {
         var bytes = new byte[8];
         BinaryPrimitives.WriteUInt64BigEndian(bytes, Volatile.Read(ref _l1[index]));
+        await _file.DebugEventAsync(BlkdebugEvent.L1Update).ConfigureAwait(false);
         await _file.WriteAsync(_l1Offset + index * 8L, bytes, WriteFlags.None, cancellationToken).ConfigureAwait(false);
     }
 
@@ -492,6 +495,7 @@ public sealed partial class Qcow2Node
         var bytes = ArrayPool<byte>.Shared.Rent(_clusterSize);
         try
         {
+            await _file.DebugEventAsync(BlkdebugEvent.L2Load).ConfigureAwait(false);
             await ReadFileAsync(_file, offset, bytes.AsMemory(0, _clusterSize), cancellationToken).ConfigureAwait(false);
             var table = new ulong[_l2Entries];
             for (var i = 0; i < _l2Entries; i++)

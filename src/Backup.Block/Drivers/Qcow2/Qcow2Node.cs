@@ -52,9 +52,10 @@ public sealed partial class Qcow2Node : BlockNode
     private readonly int _refcountOrder;
     private readonly int _refBlockEntries;
     private readonly ulong _refcountMax;
-    private readonly ulong[] _l1;
-    private readonly long _l1Offset;
-    private readonly long _virtualSize;
+    /// <summary>The active L1 table; replaced (never resized in place) when block_resize grows it.</summary>
+    private ulong[] _l1;
+    private long _l1Offset;
+    private long _virtualSize;
 
     private Qcow2HeaderCluster _headerCluster;
     private ulong[] _refTable;
@@ -107,7 +108,7 @@ public sealed partial class Qcow2Node : BlockNode
 
     public override string Filename => _file.Filename;
 
-    public override long Length => _virtualSize;
+    public override long Length => Volatile.Read(ref _virtualSize);
 
     public override IReadOnlyList<BlockChild> Children { get; }
 

@@ -1,3 +1,5 @@
+using Backup.Block.Permissions;
+
 namespace Backup.Block;
 
 /// <summary>Opens one kind of node from its options.</summary>
@@ -28,6 +30,7 @@ public sealed class BlockGraph
     private readonly Dictionary<string, BlockNode> _byName = new(StringComparer.Ordinal);
     private readonly Dictionary<BlockNode, List<BlockNode>> _parents = [];
     private readonly HashSet<BlockNode> _userAdded = [];
+    private readonly Dictionary<BlockNode, List<BlockUse>> _uses = [];
     private readonly Dictionary<string, IBlockDriver> _drivers = new(StringComparer.Ordinal);
     private long _implicitNameCounter;
 
@@ -179,6 +182,16 @@ public sealed class BlockGraph
             _byName.Add(name, node);
             _parents.Add(node, []);
             Link(node);
+            try
+            {
+                RefreshPermissions();
+            }
+            catch
+            {
+                Unlink(node);
+                ReleasePermissions();
+                throw;
+            }
             return node;
         }
     }
@@ -193,16 +206,25 @@ public sealed class BlockGraph
             {
                 return;
             }
-            _nodes.Remove(filter);
-            _byName.Remove(filter.NodeName);
-            _parents.Remove(filter);
-            foreach (var c in filter.Children)
+            Unlink(filter);
+            ReleasePermissions();
+        }
+    }
+
+    /// <summary>Takes a node out of the name tables and its edges out of its children (graph lock held).</summary>
+    private void Unlink(BlockNode node)
+    {
+        _nodes.Remove(node);
+        _byName.Remove(node.NodeName);
+        _parents.Remove(node);
+        _uses.Remove(node);
+        foreach (var c in node.Children)
+        {
+            if (_parents.TryGetValue(c.Node, out var parents))
             {
-                if (_parents.TryGetValue(c.Node, out var parents))
-                {
-                    parents.Remove(filter);
-                }
+                parents.Remove(node);
             }
+            _uses.GetValueOrDefault(c.Node)?.RemoveAll(u => u is EdgeUse e && ReferenceEquals(e.Parent, node));
         }
     }
 
@@ -215,16 +237,126 @@ public sealed class BlockGraph
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(parent);
+        BlockNode child;
         switch (parent.Options[key])
         {
             case string reference:
-                return Get(reference);
+                child = Get(reference);
+                break;
             case BlockOptions nested:
-                return await OpenAsync(nested, parent, cancellationToken).ConfigureAwait(false);
+                child = await OpenAsync(nested, parent, cancellationToken).ConfigureAwait(false);
+                break;
             case null when required:
                 throw new BlockException($"A block device must be specified for \"{key}\"");
             default:
                 return null;
+        }
+        // The parent takes its permissions on the child now, before its driver reads or writes through
+        // the edge (QEMU attaches the child with its permissions inside bdrv_open_child).
+        var edge = new EdgeUse(parent.NodeName, !parent.ReadOnly, key, ChildKinds.Of(parent.Options.GetString("driver"), key));
+        lock (_lock)
+        {
+            AddUse(child, edge);
+            try
+            {
+                RefreshPermissions();
+            }
+            catch
+            {
+                _uses[child].Remove(edge);
+                throw;
+            }
+        }
+        return child;
+    }
+
+    /// <summary>
+    /// Attaches a user from outside the graph (an export, a job) with what it takes and shares; fails with
+    /// QEMU's permission conflict or lock error. Dispose the result to detach it. Like QEMU's BlockBackend
+    /// it is attached sharing everything first and then narrowed, which decides how a conflict is worded.
+    /// </summary>
+    public IDisposable AttachUser(BlockNode node, ExternalUse use)
+    {
+        ArgumentNullException.ThrowIfNull(node);
+        ArgumentNullException.ThrowIfNull(use);
+        lock (_lock)
+        {
+            var shared = use.Shared;
+            use.Shared = BlockPermissions.All;
+            AddUse(node, use);
+            try
+            {
+                RefreshPermissions();
+                use.Shared = shared;
+                RefreshPermissions();
+            }
+            catch
+            {
+                _uses[node].Remove(use);
+                ReleasePermissions();
+                throw;
+            }
+        }
+        return new AttachedUser(this, node, use);
+    }
+
+    /// <summary>The uses of a node, newest first (its parents' edges and its external users).</summary>
+    public IReadOnlyList<BlockUse> UsesOf(BlockNode node)
+    {
+        lock (_lock)
+        {
+            return _uses.TryGetValue(node, out var list) ? list.OrderByDescending(u => u.Stamp).ToList() : [];
+        }
+    }
+
+    private void DetachUser(BlockNode node, ExternalUse use)
+    {
+        lock (_lock)
+        {
+            if (_uses.TryGetValue(node, out var list) && list.Remove(use))
+            {
+                ReleasePermissions();
+            }
+        }
+    }
+
+    private void AddUse(BlockNode node, BlockUse use)
+    {
+        if (!_uses.TryGetValue(node, out var list))
+        {
+            _uses[node] = list = [];
+        }
+        list.Add(use);
+    }
+
+    /// <summary>Recomputes every node's permissions; throws (and changes nothing) on a conflict. Graph lock held.</summary>
+    private void RefreshPermissions() => PermissionUpdate.Refresh(_nodes, _uses);
+
+    /// <summary>
+    /// Refresh after a use went away: it only gives permissions back, so it should not fail; if a lock
+    /// cannot be dropped the node keeps it, as QEMU ignores unlock errors. Graph lock held.
+    /// </summary>
+    private void ReleasePermissions()
+    {
+        try
+        {
+            RefreshPermissions();
+        }
+        catch (BlockException)
+        {
+        }
+    }
+
+    private sealed class AttachedUser(BlockGraph graph, BlockNode node, ExternalUse use) : IDisposable
+    {
+        private int _disposed;
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _disposed, 1) == 0)
+            {
+                graph.DetachUser(node, use);
+            }
         }
     }
 
@@ -234,6 +366,26 @@ public sealed class BlockGraph
         foreach (var c in parent.Children)
         {
             _parents[c.Node].Add(parent);
+            // Bind the edge the parent took while it opened, or make one (a filter made by a job).
+            var edge = _uses.GetValueOrDefault(c.Node)?.OfType<EdgeUse>()
+                .FirstOrDefault(e => e.Parent is null && e.ParentName == parent.NodeName && e.Role == c.Role);
+            if (edge is null)
+            {
+                edge = new EdgeUse(parent.NodeName, !parent.ReadOnly, c.Role, ChildKinds.Of(parent.DriverName, c.Role));
+                AddUse(c.Node, edge);
+            }
+            edge.Parent = parent;
+        }
+        // Children the driver opened but did not keep.
+        DropPendingEdges(parent.NodeName);
+    }
+
+    /// <summary>Removes the edges a parent that is still opening took (graph lock held).</summary>
+    private void DropPendingEdges(string parentName)
+    {
+        foreach (var list in _uses.Values)
+        {
+            list.RemoveAll(u => u is EdgeUse { Parent: null } e && e.ParentName == parentName);
         }
     }
 
@@ -289,6 +441,11 @@ public sealed class BlockGraph
         }
         catch
         {
+            lock (_lock)
+            {
+                DropPendingEdges(name);
+                ReleasePermissions();
+            }
             await ReleaseOrphansSinceAsync(before).ConfigureAwait(false);
             throw;
         }
@@ -298,6 +455,8 @@ public sealed class BlockGraph
             if (_byName.ContainsKey(name))
             {
                 // Lost a race with a concurrent open of the same name; undo ours.
+                DropPendingEdges(name);
+                ReleasePermissions();
                 node.CloseAsync().AsTask().GetAwaiter().GetResult();
                 throw new BlockException($"Duplicate nodes with node-name='{name}'");
             }
@@ -305,6 +464,8 @@ public sealed class BlockGraph
             _byName.Add(name, node);
             _parents.Add(node, []);
             Link(node);
+            // The new node has no users yet, so its edges take what they took while it opened: no change.
+            RefreshPermissions();
         }
         return node;
     }
@@ -359,6 +520,15 @@ public sealed class BlockGraph
             _parents.Remove(node);
         }
         await node.CloseAsync().ConfigureAwait(false);
+        lock (_lock)
+        {
+            _uses.Remove(node);
+            foreach (var child in node.Children)
+            {
+                _uses.GetValueOrDefault(child.Node)?.RemoveAll(u => u is EdgeUse e && ReferenceEquals(e.Parent, node));
+            }
+            ReleasePermissions();
+        }
         foreach (var child in node.Children)
         {
             bool orphan;

@@ -1,4 +1,5 @@
 using System.Runtime.CompilerServices;
+using Backup.Block.Permissions;
 
 namespace Backup.Block;
 
@@ -26,7 +27,11 @@ public abstract class BlockNode : IAsyncDisposable
         CacheNoFlush = context.CacheNoFlush;
         Discard = context.Discard;
         DetectZeroes = context.DetectZeroes;
+        Graph = context.Graph;
     }
+
+    /// <summary>The graph the node belongs to (where its users and edges are recorded).</summary>
+    public BlockGraph Graph { get; }
 
     public string NodeName { get; }
 
@@ -495,6 +500,57 @@ public abstract class BlockNode : IAsyncDisposable
         {
             _users.Remove((reason, jobTarget));
         }
+    }
+
+    // ------------------------------------------------------------------ permissions
+
+    private (BlockPermissions Perm, BlockPermissions Shared)? _proposed;
+
+    /// <summary>What the node's users take together (committed by the graph's last permission refresh).</summary>
+    public BlockPermissions Permissions { get; private set; }
+
+    /// <summary>What every user of the node lets others do (committed).</summary>
+    public BlockPermissions SharedPermissions { get; private set; } = BlockPermissions.All;
+
+    internal void PreparePermissions(BlockPermissions perm, BlockPermissions shared)
+    {
+        OnPreparePermissions(perm, shared);
+        _proposed = (perm, shared);
+    }
+
+    internal void CommitPermissions()
+    {
+        if (_proposed is { } p)
+        {
+            OnCommitPermissions(p.Perm, p.Shared);
+            (Permissions, SharedPermissions) = p;
+            _proposed = null;
+        }
+    }
+
+    internal void AbortPermissions()
+    {
+        if (_proposed is not null)
+        {
+            _proposed = null;
+            OnAbortPermissions();
+        }
+    }
+
+    /// <summary>
+    /// The graph proposes new combined masks (QEMU's bdrv_check_perm): throw to refuse them. Nothing the
+    /// users see may change before <see cref="OnCommitPermissions"/>; <see cref="OnAbortPermissions"/> undoes.
+    /// </summary>
+    protected virtual void OnPreparePermissions(BlockPermissions perm, BlockPermissions shared)
+    {
+    }
+
+    protected virtual void OnCommitPermissions(BlockPermissions perm, BlockPermissions shared)
+    {
+    }
+
+    protected virtual void OnAbortPermissions()
+    {
     }
 
     // ------------------------------------------------------------------ checks

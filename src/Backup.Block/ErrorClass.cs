@@ -30,4 +30,10 @@ public class BlockException : Exception
     public BlockException(string message) : this(message, ErrorClass.GenericError) { }
 
     public ErrorClass ErrorClass { get; }
+
+    /// <summary>
+    /// A second line a command-line tool prints under the message and QMP leaves out (QEMU's
+    /// error_append_hint), e.g. "Is another process using the image [disk.qcow2]?".
+    /// </summary>
+    public virtual string? Hint => null;
 }

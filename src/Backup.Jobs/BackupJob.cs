@@ -384,7 +384,10 @@ public sealed class BackupJob : Job, IBlockCopyOwner
         _targetUser.Dispose();
         if (_s.ReleaseTarget is { } release)
         {
-            _ = Task.Run(async () => await release().ConfigureAwait(false));
+            // Closed before the job's last events, as in QSD: a client that sees the job end and runs
+            // qemu-img on the target must find it flushed and its image locks gone. Once per job, on
+            // the job's own thread, so waiting here costs no request anything.
+            release().AsTask().GetAwaiter().GetResult();
         }
     }
 }

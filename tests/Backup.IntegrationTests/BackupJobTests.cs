@@ -288,6 +288,7 @@ public sealed class BackupJobTests : IAsyncLifetime
             .Should().Be(2 * 65536, "only the top layer's two clusters");
         var info = await RunAsync("qemu-img", "info", "--output=json", target);
         JsonNode.Parse(info)!["backing-filename"]!.GetValue<string>().Should().Be(baseImage);
-        await RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", target, top);
+        // -U: the source is still open read-write in the daemon, which locks it as QEMU does.
+        await RunAsync("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", target, top);
     }
 }

@@ -25,7 +25,15 @@ internal static partial class LibC
     public const int SEEK_DATA = 3;
     public const int SEEK_HOLE = 4;
 
+    /// <summary>fcntl commands for open-file-description locks (Linux 3.15+): owned by the open file, not the process.</summary>
+    public const int F_OFD_GETLK = 36;
+    public const int F_OFD_SETLK = 37;
+    public const short F_RDLCK = 0;
+    public const short F_WRLCK = 1;
+    public const short F_UNLCK = 2;
+
     public const int ENOENT = 2;
+    public const int EAGAIN = 11;
     public const int EINTR = 4;
     public const int EIO = 5;
     public const int EACCES = 13;
@@ -56,6 +64,9 @@ internal static partial class LibC
 
     [DllImport("libc", EntryPoint = "fstat", SetLastError = true)]
     private static extern int Fstat(nint fd, byte[] buffer);
+
+    [DllImport("libc", EntryPoint = "fcntl", SetLastError = true)]
+    private static extern int Fcntl(nint fd, int cmd, ref Flock lk);
 
     [DllImport("libc", EntryPoint = "strerror")]
     private static extern nint StrError(int errnum);
@@ -125,6 +136,46 @@ internal static partial class LibC
         {
             pin.Free();
         }
+    }
+
+    /// <summary>
+    /// Sets (<paramref name="type"/> F_RDLCK / F_UNLCK) an open-file-description lock on
+    /// [<paramref name="start"/>, +<paramref name="length"/>) without waiting; returns 0 or the errno (EAGAIN: held by another).
+    /// </summary>
+    public static int SetOfdLock(SafeFileHandle handle, short type, long start, long length)
+    {
+        var lk = new Flock { Type = type, Whence = 0, Start = start, Length = length };
+        return WithFd(handle, fd => Fcntl(fd, F_OFD_SETLK, ref lk) == 0 ? 0 : Marshal.GetLastPInvokeError());
+    }
+
+    /// <summary>
+    /// Asks whether a lock of <paramref name="type"/> on the range could be taken (F_OFD_GETLK). Returns 0
+    /// when nobody else's lock is in the way, EAGAIN when one is, or another errno when the call failed
+    /// (EINVAL: the kernel has no OFD locks).
+    /// </summary>
+    public static int TestOfdLock(SafeFileHandle handle, short type, long start, long length)
+    {
+        var lk = new Flock { Type = type, Whence = 0, Start = start, Length = length };
+        return WithFd(handle, fd =>
+        {
+            if (Fcntl(fd, F_OFD_GETLK, ref lk) != 0)
+            {
+                return Marshal.GetLastPInvokeError();
+            }
+            return lk.Type == F_UNLCK ? 0 : EAGAIN;
+        });
+    }
+
+    /// <summary>struct flock as Linux lays it out on 64-bit targets (x86_64, aarch64): 32 bytes.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    private struct Flock
+    {
+        public short Type;
+        public short Whence;
+        public long Start;
+        public long Length;
+        public int Pid;
+        private readonly int _padding;
     }
 
     [StructLayout(LayoutKind.Sequential)]

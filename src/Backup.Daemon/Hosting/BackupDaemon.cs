@@ -71,7 +71,9 @@ public sealed class BackupDaemon(
                 }
                 catch (BlockException e)
                 {
-                    throw new StartupException($"{c.Option} {c.Text}: {e.Message}");
+                    // Like QSD, a hint (e.g. which image is locked) goes on the next line.
+                    var hint = e.Hint is { } h ? Environment.NewLine + h : "";
+                    throw new StartupException($"{c.Option} {c.Text}: {e.Message}{hint}");
                 }
             }
             if (options.PidFile is { } pidFile)

@@ -2,6 +2,7 @@ using System.Net;
 using System.Net.Sockets;
 using System.Text;
 using Backup.Block;
+using Backup.Block.Permissions;
 using Backup.Nbd.Exports;
 using Backup.Nbd.Handshake;
 using Backup.Nbd.Protocol;
@@ -506,6 +507,9 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
             throw new BlockException($"NBD server already has export named '{name}'");
         }
 
+        // What the export's device takes and shares on the node (QEMU: before the bitmaps are looked at);
+        // fails with QEMU's permission conflict or image lock error.
+        var permissions = _graph.AttachUser(node, ExternalUse.NbdExport(options.Writable));
         var contexts = new List<IExportMetaContext> { new BaseAllocationContext(node) };
         if (options.AllocationDepth)
         {
@@ -530,11 +534,12 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
             {
                 (c as IDisposable)?.Dispose();
             }
+            permissions.Dispose();
             throw;
         }
 
         // blockdev-del of the node now fails (QSD: "Node 'x' is busy: block device is in use by export 'id'" here).
-        var user = node.AddUser($"block device is in use by export '{options.Id}'");
+        var user = new ExportUse(node.AddUser($"block device is in use by export '{options.Id}'"), permissions);
         var export = new NbdExport(options, name, node, contexts, user, _maxConnections);
         lock (_lock)
         {
@@ -583,4 +588,14 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
         _events().Emit("BLOCK_EXPORT_DELETED", [new("id", export.Id)]);
     }
 
+
+    /// <summary>An export's hold on its node: the busy reason blockdev-del reports and its permissions.</summary>
+    private sealed class ExportUse(IDisposable busy, IDisposable permissions) : IDisposable
+    {
+        public void Dispose()
+        {
+            busy.Dispose();
+            permissions.Dispose();
+        }
+    }
 }

@@ -303,7 +303,8 @@ public sealed class Qcow2CreateAndFeatureTests : IDisposable
                 ["driver"] = "raw",
                 ["file"] = new BlockOptions { ["driver"] = "file", ["filename"] = raw },
             };
-            var node2 = await graph.AddAsync(Qcow2Open.Options(top, nodeName: "img2", includeBacking: true, backing: nested));
+            // Read-only like the first: a writer would be refused while 'img' holds the image (as in QEMU).
+            var node2 = await graph.AddAsync(Qcow2Open.Options(top, readOnly: true, nodeName: "img2", includeBacking: true, backing: nested));
             await node2.ReadAsync(0, buf);
             buf.Should().AllBeEquivalentTo((byte)0x42);
             node2.Children[1].Node.ReadOnly.Should().BeTrue();

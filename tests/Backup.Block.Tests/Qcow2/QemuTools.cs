@@ -75,7 +75,7 @@ internal static class QemuTools
     /// <summary>qemu-img check: returns the JSON report; fails on corruptions (leaks are fine).</summary>
     public static JsonElement CheckNoCorruption(string image)
     {
-        var (code, output, stderr) = RunSplit("qemu-img", "check", "--output=json", "-f", "qcow2", image);
+        var (code, output, stderr) = RunSplit("qemu-img", "check", "-U", "--output=json", "-f", "qcow2", image);
         // Exit codes: 0 clean, 3 leaks only; 2 corruptions, 1 check failed.
         code.Should().BeOneOf([0, 3], "qemu-img check must find no corruption:\n" + output + stderr);
         var json = JsonDocument.Parse(output).RootElement.Clone();
@@ -89,13 +89,15 @@ internal static class QemuTools
     /// <summary>qemu-img check must be entirely clean: no corruption and no leaks.</summary>
     public static void CheckClean(string image)
     {
-        var (code, output) = Run("qemu-img", "check", "-f", "qcow2", image);
+        // -U: some tests check an image a node still holds (flushed, quiet), as QEMU's iotests do.
+        var (code, output) = Run("qemu-img", "check", "-U", "-f", "qcow2", image);
         code.Should().Be(0, "qemu-img check must be clean:\n" + output);
     }
 
     public static JsonElement Info(string image)
     {
-        var (code, output, stderr) = RunSplit("qemu-img", "info", "--output=json", image);
+        // -U (force share): tests look at images a node still holds, as QEMU's iotests do.
+        var (code, output, stderr) = RunSplit("qemu-img", "info", "-U", "--output=json", image);
         code.Should().Be(0, stderr);
         return JsonDocument.Parse(output).RootElement.Clone();
     }

@@ -27,7 +27,21 @@ public sealed class FileDriver : IBlockDriver
             handle.Dispose();
             throw new BlockException($"'{filename}' is not a regular file or block device");
         }
-        return ValueTask.FromResult<BlockNode>(new FileNode(context, filename, handle));
+        bool locking;
+        switch (context.Options.GetString("locking"))
+        {
+            case "off":
+                locking = false;
+                break;
+            case "on":
+                // QEMU falls back to process-wide POSIX locks without OFD; every Linux since 3.15 has them.
+                locking = true;
+                break;
+            default:
+                locking = FileLocks.Supported(handle);
+                break;
+        }
+        return ValueTask.FromResult<BlockNode>(new FileNode(context, filename, handle, locking));
     }
 
     private static SafeFileHandle Open(string path, bool readOnly, bool direct)

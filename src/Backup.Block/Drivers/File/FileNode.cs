@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.Runtime.InteropServices;
+using Backup.Block.Permissions;
 using Backup.Block.Posix;
 using Microsoft.Win32.SafeHandles;
 
@@ -19,14 +20,30 @@ public sealed class FileNode : BlockNode
 
     private readonly SafeFileHandle _handle;
     private readonly SemaphoreSlim _directRmw = new(1, 1);
+    private readonly FileLocks? _locks;
     private long _length;
 
-    internal FileNode(NodeContext context, string filename, SafeFileHandle handle) : base(context)
+    internal FileNode(NodeContext context, string filename, SafeFileHandle handle, bool locking) : base(context)
     {
         Filename = filename;
         _handle = handle;
         _length = RandomAccess.GetLength(handle);
+        _locks = locking ? new FileLocks(handle, filename) : null;
     }
+
+    /// <summary>True when the node takes QEMU's image locks (locking=on, or auto where OFD locks work).</summary>
+    public bool Locking => _locks is not null;
+
+    /// <summary>The lock bytes the node holds now: permissions (100 + bit) and refused shares (200 + bit).</summary>
+    public (BlockPermissions Perm, BlockPermissions Unshared) LockBytes => _locks?.Held ?? default;
+
+    protected override void OnPreparePermissions(BlockPermissions perm, BlockPermissions shared) =>
+        _locks?.Prepare(perm, shared);
+
+    protected override void OnCommitPermissions(BlockPermissions perm, BlockPermissions shared) =>
+        _locks?.Commit(perm, shared);
+
+    protected override void OnAbortPermissions() => _locks?.Abort();
 
     public override string DriverName => "file";
 

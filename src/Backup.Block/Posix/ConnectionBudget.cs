@@ -25,7 +25,7 @@ public sealed class ConnectionBudget : IDisposable
     }
 
     /// <summary>The one budget of this process, sized from its open-file limit.</summary>
-    public static ConnectionBudget Process { get; } = new(FromLimit(OpenFileLimit()));
+    public static ConnectionBudget Process { get; } = new(FromLimit(OpenFileLimit(), OpenNow()));
 
     public int Capacity { get; }
 
@@ -38,11 +38,27 @@ public sealed class ConnectionBudget : IDisposable
 
     public void Dispose() => _slots.Dispose();
 
-    /// <summary>An eighth of the limit, at least <see cref="MinReserve"/>, is kept back.</summary>
-    public static int FromLimit(long limit)
+    /// <summary>
+    /// What the limit leaves once the descriptors open now (inherited ones included: a parent that leaks
+    /// a hundred into us is not rare) and a reserve of an eighth of the limit, at least
+    /// <see cref="MinReserve"/>, are set aside.
+    /// </summary>
+    public static int FromLimit(long limit, int openNow)
     {
         var reserve = Math.Max(MinReserve, limit / 8);
-        return (int)Math.Clamp(limit - reserve, 16, int.MaxValue);
+        return (int)Math.Clamp(limit - openNow - reserve, 16, int.MaxValue);
+    }
+
+    private static int OpenNow()
+    {
+        try
+        {
+            return Directory.GetFiles("/proc/self/fd").Length;
+        }
+        catch (IOException)
+        {
+            return 0;
+        }
     }
 
     private const int RLIMIT_NOFILE = 7;

@@ -16,6 +16,7 @@ namespace Backup.Nbd.Tests.Fuzzing;
 /// meanwhile a well-behaved client writes and reads back its own export throughout, and managed memory
 /// returns to its baseline. BACKUPD_FUZZ_SECONDS and BACKUPD_FUZZ_SEED as for the QMP fuzzer.
 /// </summary>
+[Collection(FuzzCollection.Name)]
 public class NbdFuzzTests(ITestOutputHelper output)
 {
     private const int DiskSize = 1 << 20;
@@ -67,7 +68,7 @@ public class NbdFuzzTests(ITestOutputHelper output)
                          $"{clock.Elapsed.TotalSeconds:F1} s; good client: {served} write+read pairs, worst {worst.TotalMilliseconds:F0} ms; " +
                          $"managed memory {baseline / 1024} KiB -> {after / 1024} KiB; findings 0");
         served.Should().BePositive();
-        worst.Should().BeLessThan(TimeSpan.FromSeconds(2));
+        worst.Should().BeLessThan(TimeSpan.FromSeconds(5), "the fuzz connections must not hold up a good client (a loose bound: CI machines are shared)");
         after.Should().BeLessThan(baseline + (32L << 20));
     }
 

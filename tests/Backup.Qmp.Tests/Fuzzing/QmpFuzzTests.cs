@@ -12,6 +12,7 @@ namespace Backup.Qmp.Tests.Fuzzing;
 /// text, a well-behaved client on another session is served throughout, and managed memory returns to
 /// its baseline.
 /// </summary>
+[Collection(FuzzCollection.Name)]
 public class QmpFuzzTests(ITestOutputHelper output)
 {
     /// <summary>0x01 is invalid anywhere in JSON, even inside a string: it ends whatever half-message a mutation left open.</summary>
@@ -70,7 +71,7 @@ public class QmpFuzzTests(ITestOutputHelper output)
                          $"{clock.Elapsed.TotalSeconds:F1} s; good client: {served} requests, worst latency {worst.TotalMilliseconds:F0} ms; " +
                          $"managed memory {baseline / 1024} KiB -> {after / 1024} KiB; findings 0");
         served.Should().BePositive();
-        worst.Should().BeLessThan(TimeSpan.FromSeconds(2), "garbage on one session must not hold up another");
+        worst.Should().BeLessThan(TimeSpan.FromSeconds(5), "garbage on one session must not hold up another (a loose bound: CI machines are shared)");
         after.Should().BeLessThan(baseline + (32L << 20), "what the fuzz input took is given back");
     }
 

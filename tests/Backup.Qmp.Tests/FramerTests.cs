@@ -62,7 +62,7 @@ public class FramerTests
     public void Refuses_an_oversized_message_without_keeping_it()
     {
         var big = "{\"x\": \"" + new string('a', 5000) + "\"}\n{\"ok\":1}\n";
-        Frames(big, 256, max: 1024).Should().Equal("ERR TooLarge: JSON parse error, message exceeds 1024 bytes", "{\"ok\":1}");
+        Frames(big, 256, max: 1024).Should().Equal("ERR TooLarge: JSON token size limit exceeded", "{\"ok\":1}");
     }
 
     [Fact]

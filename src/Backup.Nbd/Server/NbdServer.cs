@@ -3,6 +3,7 @@ using System.Net.Sockets;
 using System.Text;
 using Backup.Block;
 using Backup.Block.Permissions;
+using Backup.Block.Posix;
 using Backup.Nbd.Exports;
 using Backup.Nbd.Handshake;
 using Backup.Nbd.Protocol;
@@ -65,6 +66,9 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
         _logger = (ILogger?)logger ?? NullLogger.Instance;
     }
 
+    /// <summary>File descriptors shared by every client connection of the process (QMP and NBD).</summary>
+    public ConnectionBudget ConnectionBudget { get; init; } = ConnectionBudget.Process;
+
     public bool IsRunning
     {
         get
@@ -107,6 +111,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
             }
         }
         var listener = Bind(address);
+        AcceptBackoff.StartRuntimeTimerThread();
         if (tlsCreds is not null)
         {
             CloseListener(listener, address);
@@ -364,6 +369,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
     private async Task AcceptLoopAsync(Socket listener, SemaphoreSlim? slots, CancellationToken cancellationToken)
     {
         await Task.Yield();
+        var backoff = new AcceptBackoff();
         while (!cancellationToken.IsCancellationRequested)
         {
             Socket socket;
@@ -374,17 +380,53 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
                     // At max-connections, stop accepting: new clients wait in the backlog, as with QEMU.
                     await slots.WaitAsync(cancellationToken).ConfigureAwait(false);
                 }
+                try
+                {
+                    await ConnectionBudget.TakeAsync(cancellationToken).ConfigureAwait(false);
+                }
+                catch
+                {
+                    slots?.Release();
+                    throw;
+                }
                 socket = await listener.AcceptAsync(cancellationToken).ConfigureAwait(false);
             }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
+            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException)
             {
-                if (cancellationToken.IsCancellationRequested || e is ObjectDisposedException)
+                return;
+            }
+            catch (SocketException e)
+            {
+                ConnectionBudget.Release();
+                slots?.Release();
+                if (cancellationToken.IsCancellationRequested)
                 {
                     return;
                 }
-                _logger.LogWarning("NBD server: accept failed: {Error}", e.Message);
-                slots?.Release();
+                if (AcceptBackoff.IsPeerGone(e))
+                {
+                    continue;
+                }
+                // Out of fds the pending client stays in the backlog and the listener stays readable: retrying
+                // at once would spin (see AcceptBackoff). Wait, longer each time, and never give up.
+                var delay = backoff.Failed();
+                if (backoff.Failures == 1)
+                {
+                    _logger.LogWarning("NBD server: accept failed: {Error}; retrying with a growing delay", AcceptBackoff.Describe(e));
+                }
+                try
+                {
+                    await Task.Delay(delay, cancellationToken).ConfigureAwait(false);
+                }
+                catch (OperationCanceledException)
+                {
+                    return;
+                }
                 continue;
+            }
+            if (backoff.Succeeded() is var streak and > 0)
+            {
+                _logger.LogInformation("NBD server: accept works again after {Failures} failures", streak);
             }
             if (socket.AddressFamily is AddressFamily.InterNetwork or AddressFamily.InterNetworkV6)
             {
@@ -412,6 +454,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
             {
                 _connections.Remove(connection);
             }
+            ConnectionBudget.Release();
             try
             {
                 slots?.Release();

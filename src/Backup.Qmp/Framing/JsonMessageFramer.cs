@@ -23,12 +23,23 @@ public enum FrameKind
 /// once. After an error, input is discarded up to the next newline, so one bad line costs one error
 /// reply and the session goes on.
 /// </summary>
-public sealed class JsonMessageFramer(int maxMessageBytes, int maxDepth = 1024)
+public sealed class JsonMessageFramer(int maxMessageBytes, int maxDepth = JsonMessageFramer.MaxNesting)
 {
+    /// <summary>QEMU's MAX_NESTING: objects and arrays open at once.</summary>
+    public const int MaxNesting = 1024;
+
+    /// <summary>QEMU's MAX_TOKEN_COUNT (2 Mi): tokens in one message, ':' and ',' included, counted as QEMU's lexer does.</summary>
+    public const long MaxTokens = 2L << 20;
+
+    /// <summary>QEMU's words for its own (64 MiB) limit on the bytes of one message.</summary>
+    private const string TooLargeText = "JSON token size limit exceeded";
+
     private JsonReaderState _state = NewState(maxDepth);
     private long _scanned;
     private bool _inValue;
     private bool _skippingToNewline;
+    private long _tokens;
+    private JsonTokenType _previous;
 
     public int MaxMessageBytes { get; } = maxMessageBytes;
 
@@ -65,10 +76,36 @@ public sealed class JsonMessageFramer(int maxMessageBytes, int maxDepth = 1024)
                 {
                     _inValue = true;
                 }
+                _tokens += QemuTokens(reader.TokenType, _previous, reader.CurrentDepth);
+                _previous = reader.TokenType;
+                if (_tokens > MaxTokens)
+                {
+                    LastError = "JSON token count limit exceeded";
+                    return Fail(buffer, out consumed, out examined, FrameKind.TooLarge);
+                }
+                if (reader.TokenType is JsonTokenType.String or JsonTokenType.PropertyName && !IsValidUtf8(reader))
+                {
+                    // Utf8JsonReader leaves string contents unchecked until they are read as .NET strings.
+                    LastError = "JSON parse error, invalid UTF-8 sequence in string";
+                    return Fail(buffer, out consumed, out examined, FrameKind.ParseError);
+                }
+                if (reader.TokenType is JsonTokenType.String or JsonTokenType.PropertyName && reader.ValueIsEscaped
+                    && LoneSurrogate(reader) is { } surrogate)
+                {
+                    // .NET reads "\udbff" without complaint and fails only when the string is used; QEMU refuses it here.
+                    LastError = $"JSON parse error, \\u{surrogate} is not a valid Unicode character";
+                    return Fail(buffer, out consumed, out examined, FrameKind.ParseError);
+                }
                 if (reader.CurrentDepth == 0 && reader.TokenType is not (JsonTokenType.StartObject or JsonTokenType.StartArray or JsonTokenType.PropertyName))
                 {
                     var end = _scanned + reader.BytesConsumed;
                     var start = SkipWhitespace(buffer);
+                    if (end - start > MaxMessageBytes)
+                    {
+                        // It arrived complete in one read, before the check for an unfinished one saw it.
+                        LastError = TooLargeText;
+                        return Fail(buffer, out consumed, out examined, FrameKind.TooLarge);
+                    }
                     message = buffer.Slice(start, end - start);
                     consumed = examined = buffer.GetPosition(end);
                     Reset();
@@ -78,7 +115,10 @@ public sealed class JsonMessageFramer(int maxMessageBytes, int maxDepth = 1024)
         }
         catch (JsonException e)
         {
-            LastError = "JSON parse error, " + Describe(e, buffer.Slice(_scanned + reader.BytesConsumed));
+            // QEMU words its limits without the "JSON parse error, " of a syntax error.
+            LastError = Describe(e, buffer.Slice(_scanned + reader.BytesConsumed)) is { } reason
+                ? "JSON parse error, " + reason
+                : "JSON nesting depth limit exceeded";
             return Fail(buffer, out consumed, out examined, FrameKind.ParseError);
         }
 
@@ -93,7 +133,7 @@ public sealed class JsonMessageFramer(int maxMessageBytes, int maxDepth = 1024)
         }
         if (buffer.Length > MaxMessageBytes)
         {
-            LastError = $"JSON parse error, message exceeds {MaxMessageBytes} bytes";
+            LastError = TooLargeText;
             return Fail(buffer, out consumed, out examined, FrameKind.TooLarge);
         }
         consumed = buffer.Start;
@@ -140,17 +180,114 @@ public sealed class JsonMessageFramer(int maxMessageBytes, int maxDepth = 1024)
         _state = NewState(maxDepth);
         _scanned = 0;
         _inValue = false;
+        _tokens = 0;
+        _previous = JsonTokenType.None;
+    }
+
+    /// <summary>
+    /// How many of QEMU's tokens one reader token stands for: itself, the ':' after a member name, and the
+    /// ',' before every element but the first of its container (counted with each element, taken back at
+    /// the end of a non-empty container).
+    /// </summary>
+    private static int QemuTokens(JsonTokenType token, JsonTokenType previous, int depth)
+    {
+        switch (token)
+        {
+            case JsonTokenType.PropertyName:
+                return 3;
+            case JsonTokenType.EndObject or JsonTokenType.EndArray:
+                return previous is JsonTokenType.StartObject or JsonTokenType.StartArray ? 1 : 0;
+            default:
+                // A value: a member's value has its ':' counted already; an array element brings its ','.
+                var inArray = previous != JsonTokenType.PropertyName && depth > 0;
+                return inArray ? 2 : 1;
+        }
+    }
+
+    private static bool IsValidUtf8(Utf8JsonReader reader)
+    {
+        if (!reader.HasValueSequence)
+        {
+            return System.Text.Unicode.Utf8.IsValid(reader.ValueSpan);
+        }
+        // Only a string split across buffer segments: rare enough to copy.
+        return System.Text.Unicode.Utf8.IsValid(reader.ValueSequence.ToArray());
+    }
+
+    /// <summary>The hex digits of the first \\uXXXX escape that is half a surrogate pair without its other half, if any.</summary>
+    private static string? LoneSurrogate(Utf8JsonReader reader)
+    {
+        if (reader.HasValueSequence)
+        {
+            // Only an escaped string split across buffer segments: rare enough to copy.
+            return LoneSurrogate(reader.ValueSequence.ToArray());
+        }
+        return LoneSurrogate(reader.ValueSpan);
+    }
+
+    private static string? LoneSurrogate(ReadOnlySpan<byte> raw)
+    {
+        for (var i = 0; i + 5 < raw.Length; i++)
+        {
+            if (raw[i] != (byte)'\\')
+            {
+                continue;
+            }
+            if (raw[i + 1] != (byte)'u')
+            {
+                i++; // an escaped character (possibly a backslash): skip it
+                continue;
+            }
+            var unit = Hex4(raw.Slice(i + 2, 4));
+            if (unit is >= 0xD800 and <= 0xDBFF)
+            {
+                var low = i + 11 < raw.Length && raw[i + 6] == (byte)'\\' && raw[i + 7] == (byte)'u' ? Hex4(raw.Slice(i + 8, 4)) : -1;
+                if (low is >= 0xDC00 and <= 0xDFFF)
+                {
+                    i += 11;
+                    continue;
+                }
+                return System.Text.Encoding.ASCII.GetString(raw.Slice(i + 2, 4));
+            }
+            if (unit is >= 0xDC00 and <= 0xDFFF)
+            {
+                return System.Text.Encoding.ASCII.GetString(raw.Slice(i + 2, 4));
+            }
+            i += 5;
+        }
+        return null;
+    }
+
+    private static int Hex4(ReadOnlySpan<byte> digits)
+    {
+        var value = 0;
+        foreach (var d in digits)
+        {
+            var v = d switch
+            {
+                >= (byte)'0' and <= (byte)'9' => d - '0',
+                >= (byte)'a' and <= (byte)'f' => d - 'a' + 10,
+                >= (byte)'A' and <= (byte)'F' => d - 'A' + 10,
+                _ => -1,
+            };
+            if (v < 0)
+            {
+                return -1;
+            }
+            value = value * 16 + v;
+        }
+        return value;
     }
 
     private static JsonReaderState NewState(int maxDepth) =>
         new(new JsonReaderOptions { MaxDepth = maxDepth, CommentHandling = JsonCommentHandling.Disallow });
 
     /// <summary>A short reason in the spirit of QEMU's ("stray '-j'", "expecting value").</summary>
-    private static string Describe(JsonException e, ReadOnlySequence<byte> rest)
+    private static string? Describe(JsonException e, ReadOnlySequence<byte> rest)
     {
         if (e.Message.Contains("depth", StringComparison.OrdinalIgnoreCase))
         {
-            return "too deeply nested";
+            return null;
         }
         var first = rest.IsEmpty ? (byte)0 : rest.FirstSpan.Length > 0 ? rest.FirstSpan[0] : (byte)0;
         return first switch

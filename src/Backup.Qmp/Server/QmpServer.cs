@@ -2,6 +2,7 @@ using System.Net;
 using System.Net.Sockets;
 using System.Text.Json.Nodes;
 using Backup.Block;
+using Backup.Block.Posix;
 using Backup.Qmp.Session;
 using Microsoft.Extensions.Logging;
 
@@ -82,6 +83,13 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
     private readonly List<Task> _tasks = [];
     private readonly CancellationTokenSource _stopping = new();
 
+    /// <summary>
+    /// Sessions one listener serves at once (QSD serves one per monitor). Beyond it, new clients wait in the
+    /// listen backlog until a session ends, so a flood of connections cannot take every file descriptor
+    /// the daemon has for exports, images and other listeners. Documented in docs/reliability.md.
+    /// </summary>
+    public const int DefaultMaxSessionsPerListener = 128;
+
     public QmpServer(QmpDispatcher dispatcher, VersionInfo version, ILogger logger)
     {
         _dispatcher = dispatcher;
@@ -91,6 +99,12 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
 
     /// <summary>The listening endpoints, with TCP port 0 resolved to the port actually bound.</summary>
     public IReadOnlyList<QmpEndpoint> Endpoints => _listeners.Select(l => l.Endpoint).ToList();
+
+    /// <summary>Set before the first <see cref="Listen"/>; applies to each listener on its own.</summary>
+    public int MaxSessionsPerListener { get; init; } = DefaultMaxSessionsPerListener;
+
+    /// <summary>File descriptors shared by every client connection of the process (QMP and NBD).</summary>
+    public ConnectionBudget ConnectionBudget { get; init; } = ConnectionBudget.Process;
 
     public int SessionCount
     {
@@ -118,7 +132,7 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
         if (endpoint.IsConnection)
         {
             var connection = Connect(endpoint);
-            _tasks.Add(RunSessionAsync(connection, endpoint.ToString()));
+            _tasks.Add(RunSessionAsync(connection, endpoint.ToString(), slot: null));
             _logger.LogInformation("QMP monitor on connection {Endpoint}", endpoint);
             firstClient = Task.CompletedTask;
             return endpoint;
@@ -165,6 +179,7 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
         }
         var first = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         firstClient = first.Task;
+        AcceptBackoff.StartRuntimeTimerThread();
         _listeners.Add((socket, endpoint));
         _tasks.Add(AcceptLoopAsync(socket, endpoint, first));
         _logger.LogInformation("QMP listening on {Endpoint}", endpoint);
@@ -261,33 +276,86 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
     private async Task AcceptLoopAsync(Socket listener, QmpEndpoint endpoint, TaskCompletionSource firstClient)
     {
         var ct = _stopping.Token;
+        var backoff = new AcceptBackoff();
+        using var slots = new SemaphoreSlim(MaxSessionsPerListener, MaxSessionsPerListener);
+        var sessions = new List<Task>();
         while (!ct.IsCancellationRequested)
         {
             Socket client;
             try
             {
-                client = await listener.AcceptAsync(ct).ConfigureAwait(false);
-            }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
-            {
-                if (!ct.IsCancellationRequested)
+                // At the limit, stop accepting: new clients wait in the backlog until a session ends.
+                await slots.WaitAsync(ct).ConfigureAwait(false);
+                try
                 {
-                    _logger.LogError(e, "QMP accept on {Endpoint} failed", endpoint);
+                    await ConnectionBudget.TakeAsync(ct).ConfigureAwait(false);
                 }
-                firstClient.TrySetCanceled(CancellationToken.None);
-                return;
+                catch
+                {
+                    slots.Release();
+                    throw;
+                }
+                try
+                {
+                    client = await listener.AcceptAsync(ct).ConfigureAwait(false);
+                }
+                catch
+                {
+                    ConnectionBudget.Release();
+                    slots.Release();
+                    throw;
+                }
+            }
+            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException)
+            {
+                break;
+            }
+            catch (SocketException e)
+            {
+                if (ct.IsCancellationRequested)
+                {
+                    break;
+                }
+                if (AcceptBackoff.IsPeerGone(e))
+                {
+                    continue;
+                }
+                // Never give up on the listener: out of fds now does not mean out of fds forever.
+                var delay = backoff.Failed();
+                if (backoff.Failures == 1)
+                {
+                    _logger.LogWarning("QMP accept on {Endpoint} failed: {Error}; retrying with a growing delay", endpoint, AcceptBackoff.Describe(e));
+                }
+                try
+                {
+                    await Task.Delay(delay, ct).ConfigureAwait(false);
+                }
+                catch (OperationCanceledException)
+                {
+                    break;
+                }
+                continue;
+            }
+            if (backoff.Succeeded() is var streak and > 0)
+            {
+                _logger.LogInformation("QMP accept on {Endpoint} works again after {Failures} failures", endpoint, streak);
             }
             if (client.AddressFamily != AddressFamily.Unix)
             {
                 client.NoDelay = true;
             }
             var peer = client.RemoteEndPoint?.ToString() is { Length: > 0 } r ? r : endpoint.ToString();
-            _ = RunSessionAsync(client, peer);
+            sessions.RemoveAll(t => t.IsCompleted);
+            sessions.Add(RunSessionAsync(client, peer, slots));
             firstClient.TrySetResult();
         }
+        firstClient.TrySetCanceled(CancellationToken.None);
+        // The slots outlive no session: wait for them before the semaphore is disposed.
+        await Task.WhenAll(sessions).ConfigureAwait(false);
     }
 
-    private async Task RunSessionAsync(Socket client, string peer)
+    /// <param name="slot">The listener's session slot and a connection-budget share, given back at the end; null for a monitor connection the daemon made itself.</param>
+    private async Task RunSessionAsync(Socket client, string peer, SemaphoreSlim? slot)
     {
         await using var stream = new NetworkStream(client, ownsSocket: true);
         using var session = new QmpSession(stream, _dispatcher, _logger, peer);
@@ -309,6 +377,11 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
             lock (_sessionsLock)
             {
                 _sessions.Remove(session);
+            }
+            if (slot is not null)
+            {
+                ConnectionBudget.Release();
+                slot.Release();
             }
             _logger.LogDebug("QMP {Client}: disconnected", peer);
         }

@@ -47,8 +47,7 @@ public sealed class BackupRunner(QmpClient qmp, CtlOutput output)
         {
             Delete(created);
             var why = e is QmpErrorException q ? q.Desc : e.Message;
-            throw new CtlException($"{kind.ToString().ToLowerInvariant()} backup not started: {why}. No bitmap was changed; the chain is as it was.",
-                ExitCodes.Failed, new JsonObject { ["stage"] = "create-targets", ["bitmaps-changed"] = false });
+            throw await NotStartedAsync(kind, drives, "create-targets", why, cancellationToken).ConfigureAwait(false);
         }
 
         using var events = qmp.Listen();
@@ -62,8 +61,7 @@ public sealed class BackupRunner(QmpClient qmp, CtlOutput output)
         catch (QmpErrorException e)
         {
             Delete(created);
-            throw new CtlException($"{kind.ToString().ToLowerInvariant()} backup not started: {e.Desc}. No bitmap was changed; the chain is as it was.",
-                ExitCodes.Failed, new JsonObject { ["stage"] = "transaction", ["bitmaps-changed"] = false });
+            throw await NotStartedAsync(kind, drives, "transaction", e.Desc, cancellationToken).ConfigureAwait(false);
         }
 
         var outcomes = await FollowAsync(events, targets, cancellationToken).ConfigureAwait(false);
@@ -261,42 +259,70 @@ public sealed class BackupRunner(QmpClient qmp, CtlOutput output)
     private async Task ReportFailureAsync(BackupKind kind, List<Target> targets, List<Target> failed,
         Dictionary<string, JobOutcome> outcomes, List<string> created, CancellationToken cancellationToken)
     {
-        var bitmap = kind == BackupKind.Inc ? BackupBitmaps.SinceLast : BackupBitmaps.SinceFull;
-        var bitmaps = new JsonArray();
-        var kept = new List<string>();
-        foreach (var t in targets)
+        if (kind != BackupKind.Inc)
         {
-            if (kind != BackupKind.Inc)
+            foreach (var t in targets)
             {
                 await RemovePendingAsync(t.Drive, cancellationToken).ConfigureAwait(false);
             }
-            var node = await DaemonQueries.NodeAsync(qmp, t.Drive, cancellationToken).ConfigureAwait(false);
+        }
+        Delete(created);
+        var what = string.Join("; ", failed.Select(t => $"{t.Drive}: {outcomes[t.JobId].Error}"));
+        var (bitmaps, kept) = await BitmapStateAsync(kind, targets.Select(t => t.Drive), cancellationToken).ConfigureAwait(false);
+        throw new CtlException($"{kind.ToString().ToLowerInvariant()} backup failed ({what}); its images were removed and {kept}.",
+            ExitCodes.Failed, new JsonObject
+            {
+                ["stage"] = "jobs",
+                ["failed"] = new JsonArray(failed.Select(t => (JsonNode)new JsonObject { ["drive"] = t.Drive, ["error"] = outcomes[t.JobId].Error }).ToArray()),
+                ["bitmaps"] = bitmaps,
+            });
+    }
+
+    private async Task<CtlException> NotStartedAsync(BackupKind kind, IEnumerable<string> drives, string stage, string why, CancellationToken cancellationToken)
+    {
+        var (bitmaps, kept) = await BitmapStateAsync(kind, drives, cancellationToken).ConfigureAwait(false);
+        return new CtlException($"{kind.ToString().ToLowerInvariant()} backup not started: {why}. No bitmap was changed: {kept}.",
+            ExitCodes.Failed, new JsonObject { ["stage"] = stage, ["bitmaps"] = bitmaps });
+    }
+
+    /// <summary>
+    /// What the permanent bitmaps hold after a backup that did not happen, for the failure message: the one the
+    /// next backup of this kind copies still has every change since the chain's last backup (the daemon gave a
+    /// failed incremental's bits back; full and diff never touch them before success).
+    /// </summary>
+    private async Task<(JsonArray Bitmaps, string Kept)> BitmapStateAsync(BackupKind kind, IEnumerable<string> drives, CancellationToken cancellationToken)
+    {
+        var bitmap = kind == BackupKind.Diff ? BackupBitmaps.SinceFull : BackupBitmaps.SinceLast;
+        var bitmaps = new JsonArray();
+        var kept = new List<string>();
+        foreach (var drive in drives)
+        {
+            JsonObject node;
+            try
+            {
+                node = await DaemonQueries.NodeAsync(qmp, drive, cancellationToken).ConfigureAwait(false);
+            }
+            catch (CtlException)
+            {
+                continue;
+            }
             foreach (var name in new[] { BackupBitmaps.SinceLast, BackupBitmaps.SinceFull })
             {
                 if (DaemonQueries.Bitmap(node, name) is { } b)
                 {
                     var count = b["count"]?.GetValue<long>() ?? 0;
-                    bitmaps.Add(new JsonObject { ["drive"] = t.Drive, ["bitmap"] = name, ["count"] = count });
+                    bitmaps.Add(new JsonObject { ["drive"] = drive, ["bitmap"] = name, ["count"] = count });
                     if (name == bitmap)
                     {
-                        kept.Add($"'{name}' on {t.Drive} holds {Size(count)}");
+                        kept.Add($"'{name}' on {drive} holds {Size(count)}");
                     }
                 }
             }
         }
-        Delete(created);
-        var what = string.Join("; ", failed.Select(t => $"{t.Drive}: {outcomes[t.JobId].Error}"));
-        var keptText = kind == BackupKind.Full && kept.Count == 0
-            ? "no bitmap was changed"
-            : $"the bitmap kept every change ({string.Join(", ", kept)}), so the next {(kind == BackupKind.Full ? "backup" : kind.ToString().ToLowerInvariant())} copies everything";
-        throw new CtlException($"{kind.ToString().ToLowerInvariant()} backup failed ({what}); its images were removed and {keptText}.",
-            ExitCodes.Failed, new JsonObject
-            {
-                ["stage"] = "jobs",
-                ["failed"] = new JsonArray(failed.Select(t => (JsonNode)new JsonObject { ["drive"] = t.Drive, ["error"] = outcomes[t.JobId].Error }).ToArray()),
-                ["bitmaps-changed"] = false,
-                ["bitmaps"] = bitmaps,
-            });
+        var text = kept.Count == 0
+            ? "the chain is as it was"
+            : $"the bitmap kept every change ({string.Join(", ", kept)}), so the next {(kind == BackupKind.Diff ? "diff" : "inc")} copies everything since the last backup";
+        return (bitmaps, text);
     }
 
     private async Task RemovePendingAsync(string drive, CancellationToken cancellationToken)

@@ -23,7 +23,8 @@ public sealed class TwoDrives : IAsyncDisposable
 
     public string Uri(string drive) => $"nbd+unix:///{drive}?socket={NbdSocket}";
 
-    public static async Task<TwoDrives> StartAsync()
+    /// <summary>backupd, or with <paramref name="executable"/> another daemon with QSD's command line (qemu-storage-daemon).</summary>
+    public static async Task<TwoDrives> StartAsync(string? executable = null)
     {
         var dir = DaemonProcess.NewDirectory();
         var raw = Path.Combine(dir, "disk0.raw");
@@ -42,7 +43,7 @@ public sealed class TwoDrives : IAsyncDisposable
             "--nbd-server", $"addr.type=unix,addr.path={Path.Combine(dir, "nbd.sock")}",
             "--export", "type=nbd,id=e0,node-name=drive0,name=drive0,writable=on",
             "--export", "type=nbd,id=e1,node-name=drive1,name=drive1,writable=on",
-        ], dir);
+        ], dir, executable: executable);
         // The socket appears at bind(), a moment before listen(): wait until it answers.
         await (await daemon.ConnectAsync()).DisposeAsync();
         return new TwoDrives(daemon);

@@ -201,8 +201,10 @@ public sealed class BackupRunner(QmpClient qmp, CtlOutput output)
                     backup["bitmap"] = BackupBitmaps.SinceLast;
                     break;
                 case BackupKind.Diff:
-                    backup["sync"] = "differential";
+                    // backupd's "differential" spelled as QEMU has it, so that backupctl drives QSD too.
+                    backup["sync"] = "bitmap";
                     backup["bitmap"] = BackupBitmaps.SinceFull;
+                    backup["bitmap-mode"] = "never";
                     break;
             }
             actions.Add(new JsonObject { ["type"] = "drive-backup", ["data"] = backup });

@@ -24,7 +24,7 @@ public sealed class CtlOutput
             Out = new AnsiConsoleOutput(json ? stderr : stdout),
             Ansi = interactive ? AnsiSupport.Detect : AnsiSupport.No,
             ColorSystem = interactive ? ColorSystemSupport.Detect : ColorSystemSupport.NoColors,
-            Interactive = interactive ? InteractionSupport.Detect : InteractionSupport.No,
+            Interactive = interactive ? InteractionSupport.Yes : InteractionSupport.No,
         });
         if (!interactive)
         {

@@ -163,4 +163,42 @@ public class BackupChainTests
         await Tool.RunAsync("qemu-img", "compare", "-f", "raw", "-F", "raw", to, snapshot);
         await Ctl.OkAsync("chain", "verify", dir);
     }
+
+    [Fact]
+    public async Task A_job_that_fails_midway_leaves_no_images_and_the_bitmap_with_everything()
+    {
+        await using var vm = await TwoDrives.StartAsync();
+        var dir = Path.Combine(vm.Dir, "backups");
+        await Ctl.OkAsync("--qmp", vm.Qmp, "backup", "full", "--drive", "drive0", "--drive", "drive1", "--dir", dir);
+        await vm.WriteAsync("drive0", "0x31", "0", "48M");
+        await vm.WriteAsync("drive1", "0x32", "0", "64k");
+
+        // Another client stops the incremental's job as soon as it exists: pause it, then cancel it. Grouped,
+        // the other drive's job is cancelled with it, and both bitmaps get their bits back.
+        await using var qmp = await vm.Daemon.ConnectAsync();
+        var backup = Ctl.RunAsync("--qmp", vm.Qmp, "backup", "inc", "--drive", "drive0", "--drive", "drive1", "--dir", dir, "--json");
+        while (true)
+        {
+            var e = await qmp.NextEventAsync(TimeSpan.FromSeconds(60));
+            if (e["event"]!.GetValue<string>() == "JOB_STATUS_CHANGE" && e["data"]!["id"]!.GetValue<string>() == "backupctl-2-drive0")
+            {
+                await qmp.ExecuteAsync("job-pause", new { id = "backupctl-2-drive0" });
+                await qmp.ExecuteAsync("job-cancel", new { id = "backupctl-2-drive0" });
+                break;
+            }
+        }
+        var run = await backup;
+        run.ExitCode.Should().Be(1, run.ToString());
+        run.Json["stage"]!.GetValue<string>().Should().Be("jobs");
+        run.Json["error"]!.GetValue<string>().Should().StartWith("inc backup failed (drive0: cancelled")
+            .And.Contain("its images were removed and the bitmap kept every change ('backupctl-inc' on drive0 holds 48 MiB, 'backupctl-inc' on drive1 holds 64 KiB)");
+        Directory.GetFiles(dir, "*-0002-*").Should().BeEmpty();
+
+        var snapshot = await vm.SnapshotAsync("drive0", "after");
+        var inc = await Ctl.OkAsync("--qmp", vm.Qmp, "backup", "inc", "--drive", "drive0", "--drive", "drive1", "--dir", dir, "--json");
+        inc.Json["drives"]![0]!["copied"]!.GetValue<long>().Should().Be(48 << 20);
+        var to = Path.Combine(vm.Dir, "r.raw");
+        await Ctl.OkAsync("chain", "restore", dir, "--drive", "drive0", "--to", to);
+        await Tool.RunAsync("qemu-img", "compare", "-f", "raw", "-F", "raw", to, snapshot);
+    }
 }

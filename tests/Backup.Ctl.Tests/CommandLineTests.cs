@@ -162,4 +162,15 @@ public class CommandLineTests
             Directory.Delete(dir, recursive: true);
         }
     }
+
+    [Fact]
+    public async Task On_a_terminal_a_backup_shows_a_progress_bar_per_drive()
+    {
+        await using var vm = await TwoDrives.StartAsync();
+        var dir = Path.Combine(vm.Dir, "backups");
+        var run = await Ctl.RunAsync(null, interactive: true, "--qmp", vm.Qmp, "backup", "full", "--drive", "drive0", "--drive", "drive1", "--dir", dir);
+        run.ExitCode.Should().Be(0, run.ToString());
+        run.Stdout.Should().Contain("drive0 → drive0-0001-full.qcow2").And.Contain("drive1 → drive1-0001-full.qcow2").And.Contain("100%");
+        run.Stdout.Should().Contain("full backup 1 of drive0, drive1 done");
+    }
 }

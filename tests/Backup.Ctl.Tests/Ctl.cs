@@ -14,11 +14,15 @@ public sealed record CtlRun(int ExitCode, string Stdout, string Stderr)
 /// <summary>Runs backupctl through its entry point, in-process, with its output captured.</summary>
 public static class Ctl
 {
-    public static async Task<CtlRun> RunAsync(IReadOnlyDictionary<string, string?>? environment, params string[] args)
+    public static Task<CtlRun> RunAsync(IReadOnlyDictionary<string, string?>? environment, params string[] args) =>
+        RunAsync(environment, interactive: false, args);
+
+    /// <summary>With <paramref name="interactive"/>, as on a terminal: live progress bars.</summary>
+    public static async Task<CtlRun> RunAsync(IReadOnlyDictionary<string, string?>? environment, bool interactive, params string[] args)
     {
         using var stdout = new StringWriter();
         using var stderr = new StringWriter();
-        var app = new CtlApp(stdout, stderr, environment ?? new Dictionary<string, string?>(), interactive: false);
+        var app = new CtlApp(stdout, stderr, environment ?? new Dictionary<string, string?>(), interactive);
         var code = await app.RunAsync(args, CancellationToken.None);
         return new CtlRun(code, stdout.ToString(), stderr.ToString());
     }

@@ -64,7 +64,18 @@ public sealed class BackupRunner(QmpClient qmp, CtlOutput output)
             throw await NotStartedAsync(kind, drives, "transaction", e.Desc, cancellationToken).ConfigureAwait(false);
         }
 
-        var outcomes = await FollowAsync(events, targets, cancellationToken).ConfigureAwait(false);
+        Dictionary<string, JobOutcome> outcomes;
+        try
+        {
+            outcomes = await FollowAsync(events, targets, cancellationToken).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (cancellationToken.IsCancellationRequested)
+        {
+            // Interrupted (Ctrl-C): the jobs would go on in the daemon without anyone to settle the bitmaps or
+            // write the manifest. Cancel them; a cancelled job gives its bitmap back like a failed one.
+            outcomes = await CancelAsync(events, targets).ConfigureAwait(false);
+            cancellationToken = CancellationToken.None;
+        }
         var failed = targets.Where(t => outcomes[t.JobId].Error is not null).ToList();
         if (failed.Count > 0)
         {
@@ -252,6 +263,24 @@ public sealed class BackupRunner(QmpClient qmp, CtlOutput output)
                 }
             }).ConfigureAwait(false);
         return outcomes!;
+    }
+
+    private async Task<Dictionary<string, JobOutcome>> CancelAsync(QmpEventListener events, List<Target> targets)
+    {
+        foreach (var t in targets)
+        {
+            try
+            {
+                await qmp.ExecuteAsync("block-job-cancel", new JsonObject { ["device"] = t.JobId, ["force"] = true }, CancellationToken.None)
+                    .ConfigureAwait(false);
+            }
+            catch (QmpErrorException)
+            {
+                // Already finished.
+            }
+        }
+        using var deadline = new CancellationTokenSource(TimeSpan.FromMinutes(1));
+        return await JobWatcher.WatchAsync(qmp, events, targets.Select(t => t.JobId).ToList(), null, deadline.Token).ConfigureAwait(false);
     }
 
     /// <summary>

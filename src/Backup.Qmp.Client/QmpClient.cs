@@ -28,6 +28,8 @@ public sealed class QmpClient : IAsyncDisposable
     private long _nextId;
     private Exception? _closedBecause;
 
+    private static readonly ReadOnlyMemory<byte> Newline = "\n"u8.ToArray();
+
     private sealed record Pending(string Command, TaskCompletionSource<JsonObject> Reply);
 
     private QmpClient(Socket socket)
@@ -182,7 +184,7 @@ public sealed class QmpClient : IAsyncDisposable
         try
         {
             await _stream.WriteAsync(bytes, cancellationToken).ConfigureAwait(false);
-            await _stream.WriteAsync("\n"u8.ToArray(), cancellationToken).ConfigureAwait(false);
+            await _stream.WriteAsync(Newline, cancellationToken).ConfigureAwait(false);
         }
         catch (IOException e)
         {

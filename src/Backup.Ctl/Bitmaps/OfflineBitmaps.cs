@@ -14,13 +14,13 @@ public static class OfflineBitmaps
     public static async Task<List<BitmapView>> ListAsync(string image, CancellationToken cancellationToken)
     {
         await using var chain = await ImageChain.OpenAsync(image, cancellationToken: cancellationToken).ConfigureAwait(false);
-        return Views(chain.Top, withDigest: false);
+        return Views(chain.Top, Path.GetFileName(image), withDigest: false);
     }
 
     public static async Task<(BitmapView Bitmap, List<string> Problems)> InspectAsync(string image, string name, CancellationToken cancellationToken)
     {
         await using var chain = await ImageChain.OpenAsync(image, cancellationToken: cancellationToken).ConfigureAwait(false);
-        var view = Views(chain.Top, withDigest: true).FirstOrDefault(v => v.Name == name)
+        var view = Views(chain.Top, Path.GetFileName(image), withDigest: true).FirstOrDefault(v => v.Name == name)
             ?? throw new CtlException($"{image}: no bitmap '{name}'");
         var problems = new List<string>();
         if (view.Inconsistent)
@@ -52,14 +52,14 @@ public static class OfflineBitmaps
         set!.Remove(name);
     }
 
-    private static List<BitmapView> Views(BlockNode node, bool withDigest)
+    private static List<BitmapView> Views(BlockNode node, string shownAs, bool withDigest)
     {
         var set = node.TryGetDirtyBitmaps();
         if (set is null)
         {
             return [];
         }
-        return set.Query().Where(i => i.Name is not null).Select(i => new BitmapView(node.NodeName, i.Name!, i.Count, i.Granularity,
+        return set.Query().Where(i => i.Name is not null).Select(i => new BitmapView(shownAs, i.Name!, i.Count, i.Granularity,
             i.Recording, i.Busy, i.Persistent, i.Inconsistent, withDigest && !i.Inconsistent ? set.Sha256(i.Name!) : null)).ToList();
     }
 }

@@ -76,7 +76,7 @@ public static class ChainVerifier
                 {
                     problems.Add(Problem(Path.GetFileName(n.Filename), "the image is marked corrupt"));
                 }
-                if (info.DirtyFlag)
+                if (info.DirtyFlag == true)
                 {
                     problems.Add(Problem(Path.GetFileName(n.Filename), "the image is marked dirty (not closed cleanly)"));
                 }

@@ -4,6 +4,7 @@ using System.Net.Sockets;
 using System.Text;
 using Backup.Nbd.Protocol;
 using Backup.Nbd.Tests.Support;
+using Backup.Tests.Fuzzing;
 using Xunit.Abstractions;
 
 namespace Backup.Nbd.Tests.Fuzzing;
@@ -24,8 +25,8 @@ public class NbdFuzzTests(ITestOutputHelper output)
     [Fact]
     public async Task Random_and_mutated_handshakes_and_requests_never_hang_or_disturb_a_good_client()
     {
-        var seed = int.TryParse(Environment.GetEnvironmentVariable("BACKUPD_FUZZ_SEED"), out var s) ? s : Random.Shared.Next();
-        var duration = TimeSpan.FromSeconds(double.TryParse(Environment.GetEnvironmentVariable("BACKUPD_FUZZ_SECONDS"), out var d) && d > 0 ? d : 3);
+        var seed = FuzzSettings.Seed;
+        var duration = FuzzSettings.Duration;
         output.WriteLine($"NBD fuzz: seed {seed} (replay with BACKUPD_FUZZ_SEED={seed}), {duration.TotalSeconds} s");
         var random = new Random(seed);
 
@@ -34,7 +35,7 @@ public class NbdFuzzTests(ITestOutputHelper output)
         await f.AddMemoryNodeAsync("good", DiskSize);
         f.Export("e-fuzz", "fuzz", writable: true);
         f.Export("e-good", "good", writable: true);
-        var baseline = ManagedMemory();
+        var baseline = FuzzSettings.ManagedMemory();
 
         using var stopGood = new CancellationTokenSource();
         var good = ServeWellBehavedAsync(f, stopGood.Token);
@@ -63,7 +64,7 @@ public class NbdFuzzTests(ITestOutputHelper output)
         }
         await stopGood.CancelAsync();
         var (served, worst) = await good;
-        var after = ManagedMemory();
+        var after = FuzzSettings.ManagedMemory();
         output.WriteLine($"NBD fuzz: {connections} connections ({bytes} bytes, {reachedTransmission} with NBD_OPT_GO), " +
                          $"{clock.Elapsed.TotalSeconds:F1} s; good client: {served} write+read pairs, worst {worst.TotalMilliseconds:F0} ms; " +
                          $"managed memory {baseline / 1024} KiB -> {after / 1024} KiB; findings 0");
@@ -164,38 +165,18 @@ public class NbdFuzzTests(ITestOutputHelper output)
     {
         await using var c = await f.ConnectAsync();
         await c.HandshakeAsync("good");
-        var served = 0;
-        var worst = TimeSpan.Zero;
         var pattern = new byte[4096];
-        while (!stop.IsCancellationRequested)
+        return await WellBehavedClient.RunAsync(async round =>
         {
-            pattern.AsSpan().Fill((byte)served);
-            var offset = (ulong)(served % (DiskSize / 4096) * 4096);
-            var t = Stopwatch.StartNew();
+            pattern.AsSpan().Fill((byte)round);
+            var offset = (ulong)(round % (DiskSize / 4096) * 4096);
             await c.SendRequestAsync(NbdWire.NBD_CMD_WRITE, offset, 4096, 1, payload: pattern);
             (await c.ReadSimpleReplyAsync()).Error.Should().Be(0);
             await c.SendRequestAsync(NbdWire.NBD_CMD_READ, offset, 4096, 2);
             var (error, _, data) = await c.ReadSimpleReplyAsync(4096);
             error.Should().Be(0);
             data.Should().Equal(pattern);
-            worst = t.Elapsed > worst ? t.Elapsed : worst;
-            served++;
-            try
-            {
-                await Task.Delay(5, stop);
-            }
-            catch (OperationCanceledException)
-            {
-                break;
-            }
-        }
-        return (served, worst);
+        }, TimeSpan.FromMilliseconds(5), stop);
     }
 
-    private static long ManagedMemory()
-    {
-        GC.Collect(GC.MaxGeneration, GCCollectionMode.Forced, blocking: true, compacting: true);
-        GC.WaitForPendingFinalizers();
-        return GC.GetTotalMemory(forceFullCollection: true);
-    }
 }

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text;
 using System.Text.Json.Nodes;
+using Backup.Tests.Fuzzing;
 using Xunit.Abstractions;
 
 namespace Backup.Qmp.Tests.Fuzzing;
@@ -29,7 +30,7 @@ public class QmpFuzzTests(ITestOutputHelper output)
         await using var fuzz = new FuzzSession();
         using var hostile = await fuzz.ConnectAsync();
         using var good = await fuzz.ConnectAsync();
-        var baseline = ManagedMemory();
+        var baseline = FuzzSettings.ManagedMemory();
 
         using var stopGood = new CancellationTokenSource();
         var goodClient = ServeWellBehavedAsync(good, stopGood.Token);
@@ -66,7 +67,7 @@ public class QmpFuzzTests(ITestOutputHelper output)
         await stopGood.CancelAsync();
         var (served, worst) = await goodClient;
 
-        var after = ManagedMemory();
+        var after = FuzzSettings.ManagedMemory();
         output.WriteLine($"QMP fuzz: {messages} messages ({bytes} bytes) in {batches} batches, {replies} replies ({errors} errors), " +
                          $"{clock.Elapsed.TotalSeconds:F1} s; good client: {served} requests, worst latency {worst.TotalMilliseconds:F0} ms; " +
                          $"managed memory {baseline / 1024} KiB -> {after / 1024} KiB; findings 0");
@@ -90,36 +91,14 @@ public class QmpFuzzTests(ITestOutputHelper output)
         }
     }
 
-    private static async Task<(int Served, TimeSpan Worst)> ServeWellBehavedAsync(QmpLineClient client, CancellationToken stop)
-    {
-        var served = 0;
-        var worst = TimeSpan.Zero;
-        while (!stop.IsCancellationRequested)
+    private static Task<(int Served, TimeSpan Worst)> ServeWellBehavedAsync(QmpLineClient client, CancellationToken stop) =>
+        WellBehavedClient.RunAsync(async round =>
         {
-            var id = "g" + served;
-            var t = Stopwatch.StartNew();
+            var id = "g" + round;
             await client.SendAsync(Encoding.UTF8.GetBytes($"{{\"execute\":\"query-version\",\"id\":\"{id}\"}}\n"));
             var (reply, before) = await client.ReadUntilIdAsync(id, TimeSpan.FromSeconds(10));
             reply.Should().ContainKey("return");
             before.Should().BeEmpty();
-            worst = t.Elapsed > worst ? t.Elapsed : worst;
-            served++;
-            try
-            {
-                await Task.Delay(10, stop);
-            }
-            catch (OperationCanceledException)
-            {
-                break;
-            }
-        }
-        return (served, worst);
-    }
+        }, TimeSpan.FromMilliseconds(10), stop);
 
-    private static long ManagedMemory()
-    {
-        GC.Collect(GC.MaxGeneration, GCCollectionMode.Forced, blocking: true, compacting: true);
-        GC.WaitForPendingFinalizers();
-        return GC.GetTotalMemory(forceFullCollection: true);
-    }
 }

@@ -252,7 +252,11 @@ public sealed class ImageLockingTests : IDisposable
         for (var i = 0; i < 200 && !File.ReadLines("/proc/locks").Any(l => l.Contains("OFDLCK", StringComparison.Ordinal) &&
             l.Contains(":" + inode + " ", StringComparison.Ordinal)); i++)
         {
-            p.HasExited.Should().BeFalse(await p.StandardError.ReadToEndAsync());
+            // Read stderr only once qemu-io is gone: while it runs, reading to the end waits out its sleep.
+            if (p.HasExited)
+            {
+                p.HasExited.Should().BeFalse(await p.StandardError.ReadToEndAsync());
+            }
             await Task.Delay(25);
         }
         return holder;

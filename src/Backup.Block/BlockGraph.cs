@@ -46,6 +46,12 @@ public sealed class BlockGraph
     /// <summary>A graph with the drivers this assembly provides.</summary>
     public static BlockGraph CreateDefault() => new(BuiltinDrivers.All);
 
+    /// <summary>
+    /// Told when a node's close failed to write back what it held (the node is closed and gone anyway):
+    /// the node's name and the error, for the log. QEMU prints these to stderr.
+    /// </summary>
+    public Action<string, Exception>? CloseFailed { get; set; }
+
     public IReadOnlyCollection<string> DriverNames => _drivers.Keys;
 
     /// <summary>Every node, newest first (the order query-named-block-nodes lists them in).</summary>
@@ -519,7 +525,17 @@ public sealed class BlockGraph
             _byName.Remove(node.NodeName);
             _parents.Remove(node);
         }
-        await node.CloseAsync().ConfigureAwait(false);
+        try
+        {
+            await node.CloseAsync().ConfigureAwait(false);
+        }
+        catch (Exception e) when (e is IOException or BlockException)
+        {
+            // As QEMU's bdrv_close: a node whose write-back fails (a target that returns EIO) is closed
+            // anyway and the failure is only reported; its children are still released, and a shutdown
+            // still closes every other node cleanly, storing their bitmaps.
+            CloseFailed?.Invoke(node.NodeName, e);
+        }
         lock (_lock)
         {
             _uses.Remove(node);

@@ -101,7 +101,14 @@ internal static class Program
         services.AddSingleton(options);
         services.AddSingleton(SchemaLoader.Default);
         services.AddSingleton(VersionInfo.Current);
-        services.AddSingleton(_ => BlockGraph.CreateDefault());
+        services.AddSingleton(sp =>
+        {
+            var graph = BlockGraph.CreateDefault();
+            var log = sp.GetRequiredService<ILoggerFactory>().CreateLogger("Backup.Block");
+            graph.CloseFailed = (node, e) =>
+                log.LogError("node '{Node}' closed with an error; its image may have leaked clusters: {Error}", node, e.Message);
+            return graph;
+        });
         services.AddSingleton<ObjectRegistry>();
         services.AddSingleton<IShutdownRequester, HostShutdownRequester>();
         services.AddSingleton<ICommandModule, ControlCommands>();

@@ -302,29 +302,46 @@ public sealed partial class Qcow2Node : BlockNode
             return;
         }
         _closed = true;
-        if (!ReadOnly)
+        try
         {
-            await StopAllCrashConsistencyAsync().ConfigureAwait(false);
-            await _meta.WaitAsync().ConfigureAwait(false);
-            try
+            if (!ReadOnly)
             {
-                await StoreBitmapsOnCloseLockedAsync(CancellationToken.None).ConfigureAwait(false);
-                await WriteCrashConsistentHeaderLockedAsync(CancellationToken.None).ConfigureAwait(false);
-                // Give back what the reserve holds and what discards freed, so a clean close leaks nothing.
-                await ProcessPendingFreesAsync(CancellationToken.None).ConfigureAwait(false);
-                await ReleaseReserveAsync(CancellationToken.None).ConfigureAwait(false);
-                if (_hasDataFile)
-                {
-                    await _data.FlushAsync().ConfigureAwait(false);
-                }
-                await _file.FlushAsync().ConfigureAwait(false);
-            }
-            finally
-            {
-                _meta.Release();
+                await CloseWritableAsync().ConfigureAwait(false);
             }
         }
-        _meta.Dispose();
+        finally
+        {
+            _meta.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// Stores bitmaps and gives back the reserve, in the crash-safe order of each step. The first step
+    /// that fails ends the close there: the image is then as a crash at that point would leave it (at
+    /// worst leaked clusters), while going on from in-memory state the disk no longer matches could not
+    /// promise that.
+    /// </summary>
+    private async ValueTask CloseWritableAsync()
+    {
+        await StopAllCrashConsistencyAsync().ConfigureAwait(false);
+        await _meta.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            await StoreBitmapsOnCloseLockedAsync(CancellationToken.None).ConfigureAwait(false);
+            await WriteCrashConsistentHeaderLockedAsync(CancellationToken.None).ConfigureAwait(false);
+            // Give back what the reserve holds and what discards freed, so a clean close leaks nothing.
+            await ProcessPendingFreesAsync(CancellationToken.None).ConfigureAwait(false);
+            await ReleaseReserveAsync(CancellationToken.None).ConfigureAwait(false);
+            if (_hasDataFile)
+            {
+                await _data.FlushAsync().ConfigureAwait(false);
+            }
+            await _file.FlushAsync().ConfigureAwait(false);
+        }
+        finally
+        {
+            _meta.Release();
+        }
     }
 
     // ------------------------------------------------------------------ lock-free request tracking

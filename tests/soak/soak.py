@@ -666,6 +666,8 @@ def main():
     parser.add_argument("--verbose", action="store_true", help="print each trial's story")
     args = parser.parse_args()
 
+    # A runner's SIGTERM (a test timeout) unwinds like Ctrl-C, so the trial's daemon and mounts are cleaned up.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     soak = Soak(args)
     numbers = args.only or range(1, args.trials + 1)
     print(f"soak: seed={soak.seed} daemon={shlex.join(soak.command)} kinds={','.join(soak.kinds)} dir={soak.root}",
@@ -698,6 +700,8 @@ def main():
         done += 1
         mix[trial.kind or "setup"] += 1
         hit[trial.kind or "setup"] += trial.fault_hit
+        if done % 50 == 0 and not args.verbose:
+            print(f"soak: {done} trials, {len(violations)} violations, {time.monotonic() - started:.0f}s", flush=True)
         if args.verbose or failed:
             print(f"trial {number} ({time.monotonic() - trial.started:.1f}s): {'; '.join(trial.story)}{' -> FAILED' if failed else ''}", flush=True)
     duration = time.monotonic() - started

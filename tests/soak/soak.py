@@ -104,7 +104,9 @@ class Daemon:
             self.qmp.connect(timeout=60, alive=lambda: self.process.poll() is None)
         except (QmpClosed, QmpTimeout, OSError) as e:
             self.kill()
-            raise Violation(f"the daemon did not start on the images: {e}; log: {self.log_tail()}") from e
+            text = f"the daemon did not start on the images: {e}; log: {self.log_tail()}"
+            # The first start of a trial is on fresh images: failing there is the harness's problem.
+            raise (Violation if generation > 1 else Setup)(text) from e
 
     @property
     def nbd_uri(self):
@@ -598,7 +600,9 @@ class Trial:
 class Soak:
     def __init__(self, args):
         self.seed = args.seed if args.seed is not None else random.randrange(1, 2**31)
-        self.command = shlex.split(args.daemon) if args.daemon else default_daemon()
+        command = shlex.split(args.daemon) if args.daemon else default_daemon()
+        # Daemons run in their trial's directory: paths given relative to here must still work there.
+        self.command = [os.path.abspath(a) if os.path.exists(a) else a for a in command]
         self.root = tempfile.mkdtemp(prefix="soak-", dir=args.dir)
         self.keep = args.keep
         self.kinds = self.usable_kinds(args.kinds)
@@ -656,6 +660,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20, help="number of trials (default 20)")
     parser.add_argument("--seed", type=int, help="the run's seed (default: random, printed)")
+    parser.add_argument("--start", type=int, default=1,
+                        help="number of the first trial (default 1): runs with one seed can share out trial numbers")
     parser.add_argument("--only", type=int, action="append", help="run only this trial number (repeatable)")
     parser.add_argument("--daemon", help="the daemon's command, e.g. 'dotnet /path/backupd.dll' "
                                          "(default: the newest build in this checkout)")
@@ -669,7 +675,7 @@ def main():
     # A runner's SIGTERM (a test timeout) unwinds like Ctrl-C, so the trial's daemon and mounts are cleaned up.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     soak = Soak(args)
-    numbers = args.only or range(1, args.trials + 1)
+    numbers = args.only or range(args.start, args.start + args.trials)
     print(f"soak: seed={soak.seed} daemon={shlex.join(soak.command)} kinds={','.join(soak.kinds)} dir={soak.root}",
           flush=True)
     started = time.monotonic()
@@ -686,6 +692,10 @@ def main():
         failed = False
         try:
             trial.run()
+        except KeyboardInterrupt:
+            # Stopped from outside (Ctrl-C, SIGTERM): this trial does not count; report what ran.
+            print(f"soak: interrupted during trial {number}", flush=True)
+            break
         except Violation as e:
             failed = True
             violations.append((number, trial, str(e)))

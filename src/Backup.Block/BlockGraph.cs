@@ -431,6 +431,8 @@ public sealed class BlockGraph
             NodeName = name,
             IsImplicitName = explicitName is null,
             ReadOnly = options.GetBool("read-only") ?? inherited?.ReadOnly ?? false,
+            // Inherited by inline children, as QEMU's bdrv_inherited_options copies it.
+            ForceShare = options.GetBool("force-share") ?? inherited?.ForceShare ?? false,
             CacheDirect = cache?.GetBool("direct") ?? inherited?.CacheDirect ?? false,
             CacheNoFlush = cache?.GetBool("no-flush") ?? inherited?.CacheNoFlush ?? false,
             Discard = ParseDiscard(options.GetString("discard")) ?? inherited?.Discard ?? DiscardMode.Ignore,
@@ -438,6 +440,11 @@ public sealed class BlockGraph
             Graph = this,
             Options = options,
         };
+
+        if (context.ForceShare && !context.ReadOnly)
+        {
+            throw new BlockException("force-share=on can only be used with read-only images");
+        }
 
         var before = SnapshotNames();
         BlockNode node;

@@ -23,6 +23,7 @@ public abstract class BlockNode : IAsyncDisposable
         NodeName = context.NodeName;
         IsImplicitName = context.IsImplicitName;
         ReadOnly = context.ReadOnly;
+        ForceShare = context.ForceShare;
         CacheDirect = context.CacheDirect;
         CacheNoFlush = context.CacheNoFlush;
         Discard = context.Discard;
@@ -42,6 +43,12 @@ public abstract class BlockNode : IAsyncDisposable
     public abstract string DriverName { get; }
 
     public bool ReadOnly { get; }
+
+    /// <summary>
+    /// QEMU's force-share: every parent edge shares all permissions with others, so the node refuses
+    /// nobody (its file takes no lock bytes of the unshared range). Only with read-only.
+    /// </summary>
+    public bool ForceShare { get; }
 
     public bool CacheDirect { get; }
 

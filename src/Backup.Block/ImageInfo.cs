@@ -29,6 +29,9 @@ public sealed record NodeContext
     public required string NodeName { get; init; }
     public bool IsImplicitName { get; init; }
     public bool ReadOnly { get; init; }
+
+    /// <summary>force-share: the node's parents share every permission on it (read-only nodes only).</summary>
+    public bool ForceShare { get; init; }
     public bool CacheDirect { get; init; }
     public bool CacheNoFlush { get; init; }
     public DiscardMode Discard { get; init; }

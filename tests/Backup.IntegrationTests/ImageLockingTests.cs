@@ -146,6 +146,69 @@ public sealed class ImageLockingTests : IDisposable
     }
 
     [Theory]
+    [InlineData(Backupd)]
+    [InlineData(Qsd)]
+    public async Task Force_share_needs_read_only_and_then_refuses_no_writer(string daemon)
+    {
+        var dir = _images;
+        var image = await CreateAsync(dir, "d.qcow2", "qcow2");
+        var d = await StartAsync(daemon, dir);
+        await using var _ = d;
+        await using var qmp = await d.ConnectAsync();
+        JsonObject File(bool? readOnly = null, bool? forceShare = null, string? name = null)
+        {
+            var o = new JsonObject { ["driver"] = "file", ["filename"] = image };
+            if (name is not null)
+            {
+                o["node-name"] = name;
+            }
+            if (readOnly is { } r)
+            {
+                o["read-only"] = r;
+            }
+            if (forceShare is { } f)
+            {
+                o["force-share"] = f;
+            }
+            return o;
+        }
+
+        Error(await qmp.ExecuteAsync("blockdev-add", File(forceShare: true, name: "w")))
+            .Should().Be("force-share=on can only be used with read-only images");
+        Error(await qmp.ExecuteAsync("blockdev-add", new JsonObject
+        {
+            ["driver"] = "qcow2", ["node-name"] = "w", ["force-share"] = true, ["file"] = File(),
+        })).Should().Be("force-share=on can only be used with read-only images");
+
+        // Like qemu-img info -U: opens beside a writer, where a plain read-only open is refused.
+        using (await HoldAsync(image, "-f", "qcow2"))
+        {
+            Error(await qmp.ExecuteAsync("blockdev-add", new JsonObject
+            {
+                ["driver"] = "qcow2", ["node-name"] = "plain", ["read-only"] = true, ["file"] = File(),
+            })).Should().Be("Failed to get shared \"write\" lock");
+            (await qmp.ExecuteAsync("blockdev-add", new JsonObject
+            {
+                ["driver"] = "qcow2", ["node-name"] = "shared", ["read-only"] = true, ["force-share"] = true, ["file"] = File(),
+            })).Should().ContainKey("return");
+        }
+
+        // The inline file inherited force-share: QEMU's tools may write and open the image as usual.
+        await Tool.RunAsync("qemu-io", "-f", "qcow2", "-c", "write -P 0x42 0 64k", image);
+        await Tool.RunAsync("qemu-img", "info", image);
+        (await qmp.ExecuteAsync("blockdev-del", new JsonObject { ["node-name"] = "shared" })).Should().ContainKey("return");
+
+        // A force-share file node named by a format node that has no force-share of its own: the edge to
+        // the file still shares everything.
+        (await qmp.ExecuteAsync("blockdev-add", File(readOnly: true, forceShare: true, name: "ff"))).Should().ContainKey("return");
+        (await qmp.ExecuteAsync("blockdev-add", new JsonObject
+        {
+            ["driver"] = "qcow2", ["node-name"] = "q", ["read-only"] = true, ["file"] = "ff",
+        })).Should().ContainKey("return");
+        await Tool.RunAsync("qemu-io", "-f", "qcow2", "-c", "write -P 0x43 64k 64k", image);
+    }
+
+    [Theory]
     [InlineData(Backupd, Backupd)]
     [InlineData(Backupd, Qsd)]
     [InlineData(Qsd, Backupd)]

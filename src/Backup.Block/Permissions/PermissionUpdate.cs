@@ -58,6 +58,11 @@ internal static class PermissionUpdate
         for (var i = 0; i < ordered.Length; i++)
         {
             masks[i] = ordered[i].Compute(parentState);
+            if (node.ForceShare && ordered[i] is EdgeUse)
+            {
+                // QEMU's bdrv_child_perm: a force-share child is shared whole by its parent nodes.
+                masks[i].Shared = BlockPermissions.All;
+            }
         }
         var perm = BlockPermissions.None;
         var shared = BlockPermissions.All;

@@ -29,12 +29,15 @@ internal static class HelpText
                                  configure a block backend
 
           --chardev socket,id=<id>,path=<path>,server=on[,wait=on|off]
-          --chardev socket,id=<id>,[host=<host>,]port=<port>,server=on[,wait=on|off]
+          --chardev socket,id=<id>,host=<host>,port=<port>,server=on[,wait=on|off]
+                   [,tls-creds=<id>[,tls-authz=<id>]]
           --chardev socket,id=<id>,fd=<fd>,server=on[,wait=on|off]
+                   [,tls-creds=<id>[,tls-authz=<id>]]
                                  listen for QMP clients on a Unix socket, a TCP
                                  port, or a socket passed by the parent process
                                  (wait=on, the default: start-up waits for the
-                                 first client)
+                                 first client); tls-creds names a
+                                 tls-creds-x509 object: clients must use TLS
           --chardev socket,id=<id>,path=<path>
           --chardev socket,id=<id>,host=<host>,port=<port>
           --chardev socket,id=<id>,fd=<fd>
@@ -54,15 +57,16 @@ internal static class HelpText
                                  configure a QMP monitor
 
           --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
-                       [,max-connections=<n>]
+                       [,max-connections=<n>][,tls-creds=<id>[,tls-authz=<id>]]
           --nbd-server addr.type=unix,addr.path=<path>[,max-connections=<n>]
           --nbd-server addr.type=fd,addr.str=<fd>[,max-connections=<n>]
                        or a JSON object
                                  start an NBD server for exporting block nodes
 
           --object <type>[,<property>=<value>...]
-                                 create a new object of type <type> (e.g.
-                                 secret); the 'id' property must be set
+                                 create a new object of type <type> (secret,
+                                 tls-creds-x509, authz-simple, authz-list,
+                                 authz-listfile); the 'id' property must be set
 
           --pidfile <path>       write process ID to a file after startup
 

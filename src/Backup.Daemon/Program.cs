@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using Backup.Block;
+using Backup.Block.Objects;
 using Backup.Daemon.CommandLine;
 using Backup.Daemon.Hosting;
 using Backup.Diagnostics;
@@ -122,7 +123,10 @@ internal static class Program
         services.AddSingleton<QemuIoInterpreter>();
         services.AddSingleton<ICommandModule, HumanMonitorCommand>();
         services.AddSingleton(sp => new NbdServer(sp.GetRequiredService<BlockGraph>(),
-            () => sp.GetRequiredService<IEventSink>(), sp.GetService<ILogger<NbdServer>>()));
+            () => sp.GetRequiredService<IEventSink>(), sp.GetService<ILogger<NbdServer>>())
+        {
+            Objects = sp.GetRequiredService<ObjectRegistry>(),
+        });
         services.AddSingleton<ICommandModule, NbdCommands>();
         services.AddSingleton<ICommandModule, ObjectCommands>();
         services.AddSingleton(sp => new JobManager(() => sp.GetRequiredService<IEventSink>()));

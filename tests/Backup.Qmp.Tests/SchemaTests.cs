@@ -1,4 +1,5 @@
 using Backup.Block;
+using Backup.Block.Objects;
 using Backup.Qmp.Commands;
 using Backup.Qmp.Schema;
 

@@ -16,19 +16,21 @@ namespace Backup.Daemon.CommandLine;
 /// <param name="Endpoint">Where QMP is served.</param>
 /// <param name="Wait">Hold start-up until a client connects (server mode only).</param>
 /// <param name="Text">The option's argument, for messages.</param>
-public sealed record ChardevSpec(string Id, QmpEndpoint Endpoint, bool Wait, string Text)
+/// <param name="TlsCreds">QEMU's tls-creds: the id of TLS credentials (server ones to listen, client ones to connect); looked up when the monitor opens.</param>
+/// <param name="TlsAuthz">QEMU's tls-authz: the id of an authz object that must allow each client certificate's name.</param>
+public sealed record ChardevSpec(string Id, QmpEndpoint Endpoint, bool Wait, string Text, string? TlsCreds = null, string? TlsAuthz = null)
 {
     /// <summary>QEMU's socket chardev keys this daemon honours or checks; the others are refused by name.</summary>
     private static readonly HashSet<string> Known = new(StringComparer.Ordinal)
     {
         "backend", "id", "path", "host", "port", "fd", "server", "wait", "nodelay", "ipv4", "ipv6",
-        "abstract", "tight", "reconnect", "to",
+        "abstract", "tight", "reconnect", "to", "tls-creds", "tls-authz",
     };
 
     /// <summary>Keys QEMU knows for socket chardevs that need features this daemon does not have.</summary>
     private static readonly HashSet<string> Unsupported = new(StringComparer.Ordinal)
     {
-        "tls-creds", "tls-authz", "telnet", "tn3270", "websocket", "logfile", "logappend", "mux", "signal",
+        "telnet", "tn3270", "websocket", "logfile", "logappend", "mux", "signal",
     };
 
     /// <summary>Boolean keys that QEMU's chardev options still take in the short form (<c>server,nowait</c>).</summary>
@@ -86,6 +88,17 @@ public sealed record ChardevSpec(string Id, QmpEndpoint Endpoint, bool Wait, str
         {
             throw fail("'reconnect' option is incompatible with socket in server listen mode");
         }
+        // QEMU's checks of the TLS keys (chardev/char-socket.c): TLS over TCP or a passed socket only.
+        var tlsCreds = Get("tls-creds");
+        var tlsAuthz = Get("tls-authz");
+        if (tlsCreds is not null && path is not null)
+        {
+            throw fail("'tls_creds' option is incompatible with 'unix' address type");
+        }
+        if (tlsAuthz is not null && tlsCreds is null)
+        {
+            throw fail("'tls_authz' option requires 'tls_creds' option");
+        }
         QmpEndpoint endpoint;
         if (fdText is not null)
         {
@@ -101,9 +114,14 @@ public sealed record ChardevSpec(string Id, QmpEndpoint Endpoint, bool Wait, str
         }
         else if (Get("port") is { } port)
         {
-            // QEMU listens on every address when only a port is given.
-            var p = ParsePort(host ?? "0.0.0.0", port, fail);
-            endpoint = server ? new QmpEndpoint.Tcp(host ?? "0.0.0.0", p) : new QmpEndpoint.TcpConnect(host ?? "localhost", p);
+            // A listener needs an explicit host (0.0.0.0 for every address): QSD opens no listener at all
+            // without one, and listening everywhere by default would expose the monitor.
+            if (server && host is null)
+            {
+                throw fail("chardev: socket: no host given");
+            }
+            var p = ParsePort(host ?? "localhost", port, fail);
+            endpoint = server ? new QmpEndpoint.Tcp(host!, p) : new QmpEndpoint.TcpConnect(host ?? "localhost", p);
         }
         else if (host is not null)
         {
@@ -113,7 +131,7 @@ public sealed record ChardevSpec(string Id, QmpEndpoint Endpoint, bool Wait, str
         {
             throw fail("chardev: socket: no host given");
         }
-        return new ChardevSpec(id, endpoint, server && (wait ?? true), text);
+        return new ChardevSpec(id, endpoint, server && (wait ?? true), text, tlsCreds, tlsAuthz);
     }
 
     /// <summary>

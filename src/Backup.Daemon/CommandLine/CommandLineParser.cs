@@ -227,7 +227,7 @@ public sealed class CommandLineParser(SchemaModel schema)
         {
             throw new CommandLineException($"--monitor {text}: Device '{chardev}' is in use");
         }
-        state.Monitors.Add(new MonitorSpec(spec.Endpoint, spec.Wait, "--chardev " + spec.Text));
+        state.Monitors.Add(new MonitorSpec(spec.Endpoint, spec.Wait, "--chardev " + spec.Text, spec.TlsCreds, spec.TlsAuthz));
     }
 
     /// <summary><c>unix:PATH</c> or <c>tcp:HOST:PORT</c>.</summary>

@@ -19,7 +19,9 @@ public sealed record StartupCommand(string Option, string Text, string Command, 
 /// <param name="Endpoint">The listener or connection.</param>
 /// <param name="Wait">QEMU's <c>wait=on</c>: start-up goes on once a client has connected.</param>
 /// <param name="Origin">The option that asked for it (e.g. "--chardev socket,id=m,fd=3,server=on"), for messages.</param>
-public sealed record MonitorSpec(QmpEndpoint Endpoint, bool Wait, string Origin);
+/// <param name="TlsCreds">Id of the TLS credentials the monitor's connections use, if any.</param>
+/// <param name="TlsAuthz">Id of the authz object that must allow each TLS client's certificate name, if any.</param>
+public sealed record MonitorSpec(QmpEndpoint Endpoint, bool Wait, string Origin, string? TlsCreds = null, string? TlsAuthz = null);
 
 /// <summary>Everything the command line (or --config) asked for, checked and ready to apply.</summary>
 public sealed record DaemonOptions

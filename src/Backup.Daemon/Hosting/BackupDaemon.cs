@@ -2,6 +2,8 @@ using System.Globalization;
 using System.Net.Sockets;
 using System.Text.Json.Nodes;
 using Backup.Block;
+using Backup.Block.Objects;
+using Backup.Block.Security;
 using Backup.Daemon.CommandLine;
 using Backup.Nbd.Commands;
 using Backup.Nbd.Server;
@@ -36,6 +38,7 @@ public sealed class BackupDaemon(
     Backup.Jobs.JobManager jobs,
     DemoSetup demo,
     ReadinessReporter readiness,
+    ObjectRegistry objects,
     ILogger<BackupDaemon> logger) : IHostedService
 {
     private bool _pidFileWritten;
@@ -86,10 +89,18 @@ public sealed class BackupDaemon(
                 Task firstClient;
                 try
                 {
-                    var bound = server.Open(m.Endpoint, out firstClient);
+                    // The command line's objects exist by now, wherever --object stood (QSD needs it before --chardev).
+                    var tls = m.TlsCreds is { } credsId
+                        ? new TlsServerPolicy(TlsCredentials.Find(objects, credsId, m.Endpoint.IsConnection ? TlsEndpoint.Client : TlsEndpoint.Server), m.TlsAuthz, objects)
+                        : null;
+                    var bound = server.Open(m.Endpoint, out firstClient, tls);
                     readiness.Listening(bound);
                 }
                 catch (QmpEndpointException ex)
+                {
+                    throw new StartupException($"{m.Origin}: {ex.Message}");
+                }
+                catch (BlockException ex)
                 {
                     throw new StartupException($"{m.Origin}: {ex.Message}");
                 }

@@ -18,7 +18,8 @@ public sealed class NbdCommands(NbdServer server) : ICommandModule
         ArgumentNullException.ThrowIfNull(table);
         table.Add("nbd-server-start", (args, _, _) =>
         {
-            server.Start(ParseLegacyAddress(args["addr"]!.AsObject()), MaxConnections(args), args["tls-creds"]?.GetValue<string>());
+            server.Start(ParseLegacyAddress(args["addr"]!.AsObject()), MaxConnections(args), args["tls-creds"]?.GetValue<string>(),
+                args["tls-authz"]?.GetValue<string>());
             return ValueTask.FromResult<JsonNode?>(null);
         });
         table.Add("nbd-server-stop", async (_, _, _) =>
@@ -111,7 +112,7 @@ public sealed class NbdCommands(NbdServer server) : ICommandModule
         ArgumentNullException.ThrowIfNull(server);
         ArgumentNullException.ThrowIfNull(nbdServerOptions);
         server.Start(ParseFlatAddress(nbdServerOptions["addr"]!.AsObject()), MaxConnections(nbdServerOptions),
-            nbdServerOptions["tls-creds"]?.GetValue<string>());
+            nbdServerOptions["tls-creds"]?.GetValue<string>(), nbdServerOptions["tls-authz"]?.GetValue<string>());
     }
 
     /// <summary>

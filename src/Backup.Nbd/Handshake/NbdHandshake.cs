@@ -1,6 +1,7 @@
 using System.Buffers.Binary;
 using System.IO.Pipelines;
 using System.Text;
+using Backup.Block.Security;
 using Backup.Nbd.Exports;
 using Backup.Nbd.Protocol;
 using Microsoft.Extensions.Logging;
@@ -33,10 +34,31 @@ internal sealed record HandshakeResult(NbdExport Export, bool StructuredReplies,
 /// Every other option gets its replies and the loop continues; options we do not implement get
 /// NBD_REP_ERR_UNSUP. Malformed options get NBD_REP_ERR_INVALID; their data is always consumed, so
 /// the stream stays in sync. Only a broken framing (wrong magic, truncated stream) closes the connection.
+///
+/// With TLS (<c>tls</c> given, QEMU's nbd-server-start tls-creds), the client must send NBD_OPT_STARTTLS
+/// first, as in QEMU's nbd/server.c: every other option gets NBD_REP_ERR_TLS_REQD (NBD_OPT_ABORT too,
+/// then the connection closes), NBD_OPT_EXPORT_NAME and a client without fixed newstyle are dropped.
+/// STARTTLS is acknowledged in plain text, then the TLS handshake runs (<see cref="TlsChannel"/>: the
+/// client certificate, then tls-authz), and the rest of the negotiation and the transmission phase go
+/// over TLS: <see cref="Input"/> and <see cref="Output"/> are then the TLS session's.
 /// </summary>
-internal sealed class NbdHandshake(INbdExportDirectory directory, PipeReader input, Stream output, ILogger logger, string client)
+internal sealed class NbdHandshake(INbdExportDirectory directory, PipeReader input, Stream output, ILogger logger, string client,
+    TlsServerPolicy? tls = null, Func<Stream, PipeReader>? readerFor = null)
 {
     private static readonly UTF8Encoding StrictUtf8 = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: true);
+
+    private PipeReader _input = input;
+    private Stream _output = output;
+    private bool _tlsDone;
+
+    /// <summary>Where the connection reads from now: the plain pipe, or the TLS session's after STARTTLS.</summary>
+    public PipeReader Input => _input;
+
+    /// <summary>Where the connection writes to (and reads large payloads from) now.</summary>
+    public Stream Output => _output;
+
+    /// <summary>The TLS session, once STARTTLS has succeeded.</summary>
+    public Stream? TlsStream { get; private set; }
 
     private bool _fixedNewstyle;
     private bool _noZeroes;
@@ -52,7 +74,7 @@ internal sealed class NbdHandshake(INbdExportDirectory directory, PipeReader inp
         await WriteAsync(greeting, cancellationToken).ConfigureAwait(false);
 
         var clientFlagsBytes = new byte[4];
-        if (!await input.ReadExactAsync(clientFlagsBytes, cancellationToken).ConfigureAwait(false))
+        if (!await _input.ReadExactAsync(clientFlagsBytes, cancellationToken).ConfigureAwait(false))
         {
             return null;
         }
@@ -68,7 +90,7 @@ internal sealed class NbdHandshake(INbdExportDirectory directory, PipeReader inp
         var headerBytes = new byte[NbdOptionHeader.Size];
         while (true)
         {
-            if (!await input.ReadExactAsync(headerBytes, cancellationToken).ConfigureAwait(false))
+            if (!await _input.ReadExactAsync(headerBytes, cancellationToken).ConfigureAwait(false))
             {
                 return null;
             }
@@ -78,14 +100,14 @@ internal sealed class NbdHandshake(INbdExportDirectory directory, PipeReader inp
                 logger.LogInformation("NBD client {Client}: bad option magic 0x{Magic:x}, closing", client, header.Magic);
                 return null;
             }
-            if (!_fixedNewstyle && header.Option != NbdWire.NBD_OPT_EXPORT_NAME)
+            if (!_fixedNewstyle && (header.Option != NbdWire.NBD_OPT_EXPORT_NAME || tls is not null))
             {
                 // Plain newstyle has no way to refuse an option but closing.
                 return null;
             }
             if (header.Length > NbdWire.MaxOptionLength)
             {
-                if (!await input.SkipAsync(header.Length, cancellationToken).ConfigureAwait(false) ||
+                if (!await _input.SkipAsync(header.Length, cancellationToken).ConfigureAwait(false) ||
                     header.Option is NbdWire.NBD_OPT_EXPORT_NAME or NbdWire.NBD_OPT_ABORT)
                 {
                     return null;
@@ -94,9 +116,19 @@ internal sealed class NbdHandshake(INbdExportDirectory directory, PipeReader inp
                 continue;
             }
             var data = new byte[header.Length];
-            if (!await input.ReadExactAsync(data, cancellationToken).ConfigureAwait(false))
+            if (!await _input.ReadExactAsync(data, cancellationToken).ConfigureAwait(false))
             {
                 return null;
+            }
+            if (tls is not null && !_tlsDone)
+            {
+                switch (await BeforeTlsAsync(header.Option, data, cancellationToken).ConfigureAwait(false))
+                {
+                    case BeforeTls.Close:
+                        return null;
+                    case BeforeTls.Next:
+                        continue;
+                }
             }
             switch (header.Option)
             {
@@ -109,7 +141,9 @@ internal sealed class NbdHandshake(INbdExportDirectory directory, PipeReader inp
                     await ListAsync(data, cancellationToken).ConfigureAwait(false);
                     break;
                 case NbdWire.NBD_OPT_STARTTLS:
-                    await ReplyErrorAsync(header.Option, NbdWire.NBD_REP_ERR_POLICY, "TLS not configured", cancellationToken).ConfigureAwait(false);
+                    await ReplyErrorAsync(header.Option, data.Length != 0 ? NbdWire.NBD_REP_ERR_INVALID : tls is not null ? NbdWire.NBD_REP_ERR_INVALID : NbdWire.NBD_REP_ERR_POLICY,
+                        data.Length != 0 ? "option 'starttls' has unexpected length" : tls is not null ? "TLS already enabled" : "TLS not configured",
+                        cancellationToken).ConfigureAwait(false);
                     break;
                 case NbdWire.NBD_OPT_INFO:
                 case NbdWire.NBD_OPT_GO:
@@ -131,6 +165,75 @@ internal sealed class NbdHandshake(INbdExportDirectory directory, PipeReader inp
                         $"Unsupported option {header.Option} ({NbdWire.OptionName(header.Option)})", cancellationToken).ConfigureAwait(false);
                     break;
             }
+        }
+    }
+
+    // ------------------------------------------------------------------ TLS
+
+    private enum BeforeTls
+    {
+        /// <summary>TLS is now on: handle nothing more of this option.</summary>
+        Next,
+
+        /// <summary>Drop the connection.</summary>
+        Close,
+    }
+
+    /// <summary>An option while TLS is required and not yet on (QEMU's nbd_negotiate_options, the TLS branch).</summary>
+    private async ValueTask<BeforeTls> BeforeTlsAsync(uint option, byte[] data, CancellationToken cancellationToken)
+    {
+        switch (option)
+        {
+            case NbdWire.NBD_OPT_STARTTLS:
+                if (data.Length != 0)
+                {
+                    // A client that cannot even start TLS correctly is dropped.
+                    await ReplyErrorAsync(option, NbdWire.NBD_REP_ERR_INVALID, "option 'starttls' has unexpected length", cancellationToken).ConfigureAwait(false);
+                    return BeforeTls.Close;
+                }
+                return await StartTlsAsync(cancellationToken).ConfigureAwait(false) ? BeforeTls.Next : BeforeTls.Close;
+            case NbdWire.NBD_OPT_EXPORT_NAME:
+                // No way to send an error for this option: the connection closes.
+                logger.LogWarning("NBD client {Client}: option negotiation failed: Option 0x{Option:x} not permitted before TLS", client, option);
+                return BeforeTls.Close;
+            default:
+                await ReplyErrorAsync(option, NbdWire.NBD_REP_ERR_TLS_REQD, $"Option 0x{option:x} not permitted before TLS", cancellationToken).ConfigureAwait(false);
+                return option == NbdWire.NBD_OPT_ABORT ? BeforeTls.Close : BeforeTls.Next;
+        }
+    }
+
+    private async ValueTask<bool> StartTlsAsync(CancellationToken cancellationToken)
+    {
+        await ReplyAsync(NbdWire.NBD_OPT_STARTTLS, NbdWire.NBD_REP_ACK, [], cancellationToken).ConfigureAwait(false);
+        // The client may send nothing between STARTTLS and our reply; anything already buffered in the plain
+        // pipe would be lost to the TLS layer, so such a client is dropped.
+        if (_input.TryRead(out var pending))
+        {
+            var early = pending.Buffer.Length;
+            _input.AdvanceTo(pending.Buffer.Start);
+            if (early > 0 || pending.IsCompleted)
+            {
+                logger.LogWarning("NBD client {Client}: option negotiation failed: data sent before the NBD_OPT_STARTTLS reply", client);
+                return false;
+            }
+        }
+        await _input.CompleteAsync().ConfigureAwait(false);
+        try
+        {
+            var ssl = await TlsChannel.AcceptAsync(_output, tls!, cancellationToken).ConfigureAwait(false);
+            TlsStream = ssl;
+            _output = ssl;
+            _input = readerFor?.Invoke(ssl) ?? PipeReader.Create(ssl, new StreamPipeReaderOptions(leaveOpen: true));
+            _tlsDone = true;
+            logger.LogInformation("NBD client {Client}: TLS session established", client);
+            return true;
+        }
+        catch (TlsException e)
+        {
+            // QSD prints "option negotiation failed: REASON" for a failed TLS handshake or a refused client.
+            logger.LogWarning("NBD client {Client}: option negotiation failed: {Reason}", client, e.Message);
+            _input = PipeReader.Create(Stream.Null);
+            return false;
         }
     }
 
@@ -411,8 +514,8 @@ internal sealed class NbdHandshake(INbdExportDirectory directory, PipeReader inp
 
     private async ValueTask WriteAsync(byte[] bytes, CancellationToken cancellationToken)
     {
-        await output.WriteAsync(bytes, cancellationToken).ConfigureAwait(false);
-        await output.FlushAsync(cancellationToken).ConfigureAwait(false);
+        await _output.WriteAsync(bytes, cancellationToken).ConfigureAwait(false);
+        await _output.FlushAsync(cancellationToken).ConfigureAwait(false);
     }
 }
 

@@ -1,5 +1,6 @@
 using System.IO.Pipelines;
 using System.Net.Sockets;
+using Backup.Block.Security;
 using Backup.Nbd.Handshake;
 using Backup.Nbd.Transmission;
 using Microsoft.Extensions.Logging;
@@ -21,12 +22,14 @@ public sealed class NbdConnection : IDisposable
     private readonly Socket _socket;
     private readonly INbdExportDirectory _directory;
     private readonly ILogger _logger;
+    private readonly TlsServerPolicy? _tls;
     private readonly CancellationTokenSource _cts = new();
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    internal NbdConnection(Socket socket, INbdExportDirectory directory, ILogger logger, string client)
+    internal NbdConnection(Socket socket, INbdExportDirectory directory, ILogger logger, string client, TlsServerPolicy? tls = null)
     {
         _socket = socket;
+        _tls = tls;
         _directory = directory;
         _logger = logger;
         Client = client;
@@ -44,10 +47,11 @@ public sealed class NbdConnection : IDisposable
             TryEnlargeSendBuffer(_socket);
         }
         var stream = new NetworkStream(_socket, ownsSocket: false);
-        var input = PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: ReadBufferSize, minimumReadSize: ReadBufferSize / 4, leaveOpen: true));
+        var input = CreateReader(stream);
+        var negotiation = new NbdHandshake(_directory, input, stream, _logger, Client, _tls, CreateReader);
         try
         {
-            var handshake = await new NbdHandshake(_directory, input, stream, _logger, Client).RunAsync(_cts.Token).ConfigureAwait(false);
+            var handshake = await negotiation.RunAsync(_cts.Token).ConfigureAwait(false);
             if (handshake is null)
             {
                 return;
@@ -60,7 +64,9 @@ public sealed class NbdConnection : IDisposable
             _logger.LogInformation("NBD client {Client} attached to export '{Export}'", Client, export.Id);
             try
             {
-                using var transmission = new NbdTransmission(handshake, input, stream, _logger, Client, _cts.Token, inputStream: stream);
+                // After STARTTLS the handshake's streams are the TLS session's.
+                using var transmission = new NbdTransmission(handshake, negotiation.Input, negotiation.Output, _logger, Client, _cts.Token,
+                    inputStream: negotiation.Output);
                 await transmission.RunAsync().ConfigureAwait(false);
             }
             finally
@@ -80,13 +86,20 @@ public sealed class NbdConnection : IDisposable
         }
         finally
         {
-            await input.CompleteAsync().ConfigureAwait(false);
+            await negotiation.Input.CompleteAsync().ConfigureAwait(false);
+            if (negotiation.TlsStream is { } tls)
+            {
+                await tls.DisposeAsync().ConfigureAwait(false);
+            }
             await stream.DisposeAsync().ConfigureAwait(false);
             _socket.Dispose();
             Dispose();
             _completion.TrySetResult();
         }
     }
+
+    private static PipeReader CreateReader(Stream stream) =>
+        PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: ReadBufferSize, minimumReadSize: ReadBufferSize / 4, leaveOpen: true));
 
     public void Dispose() => _cts.Dispose();
 

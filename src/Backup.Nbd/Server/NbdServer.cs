@@ -3,7 +3,9 @@ using System.Net.Sockets;
 using System.Text;
 using Backup.Block;
 using Backup.Block.Permissions;
+using Backup.Block.Objects;
 using Backup.Block.Posix;
+using Backup.Block.Security;
 using Backup.Nbd.Exports;
 using Backup.Nbd.Handshake;
 using Backup.Nbd.Protocol;
@@ -38,6 +40,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
     private CancellationTokenSource? _stopping;
     private Task? _acceptLoop;
     private SemaphoreSlim? _connectionSlots;
+    private TlsServerPolicy? _tls;
     private int _maxConnections;
     private long _clientCounter;
 
@@ -69,6 +72,9 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
     /// <summary>File descriptors shared by every client connection of the process (QMP and NBD).</summary>
     public ConnectionBudget ConnectionBudget { get; init; } = ConnectionBudget.Process;
 
+    /// <summary>Where tls-creds and tls-authz ids are looked up (the daemon's objects).</summary>
+    public ObjectRegistry Objects { get; init; } = new();
+
     public bool IsRunning
     {
         get
@@ -99,8 +105,9 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
     /// <see cref="BlockException"/> with QEMU's wording when already running or when binding fails.
     /// </summary>
     /// <param name="maxConnections">0 for unlimited; 1 also stops advertising CAN_MULTI_CONN.</param>
-    /// <param name="tlsCreds">TLS credentials object id; this daemon has no such objects, so any id is refused.</param>
-    public void Start(NbdServerAddress address, uint maxConnections = 0, string? tlsCreds = null)
+    /// <param name="tlsCreds">Id of server TLS credentials: clients must then start TLS before anything else.</param>
+    /// <param name="tlsAuthz">Id of an authz object checked against each client certificate's name; ignored without <paramref name="tlsCreds"/>, as in QEMU.</param>
+    public void Start(NbdServerAddress address, uint maxConnections = 0, string? tlsCreds = null, string? tlsAuthz = null)
     {
         ArgumentNullException.ThrowIfNull(address);
         lock (_lock)
@@ -110,23 +117,34 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
                 throw new BlockException("NBD server already running");
             }
         }
+        // QEMU's order: bind, then look the credentials up. The server keeps the credentials it was given
+        // even if the object is deleted; the authz object is looked up by id at each handshake.
         var listener = Bind(address);
         AcceptBackoff.StartRuntimeTimerThread();
+        TlsServerPolicy? tls = null;
         if (tlsCreds is not null)
         {
-            CloseListener(listener, address);
-            throw new BlockException($"No TLS credentials with id '{tlsCreds}'");
+            try
+            {
+                tls = new TlsServerPolicy(TlsCredentials.Find(Objects, tlsCreds, TlsEndpoint.Server), tlsAuthz, Objects);
+            }
+            catch (BlockException)
+            {
+                CloseListener(listener, address);
+                throw;
+            }
         }
         lock (_lock)
         {
             _listener = listener;
             _address = address;
+            _tls = tls;
             _stopping = new CancellationTokenSource();
             _maxConnections = (int)Math.Min(maxConnections, int.MaxValue);
             _connectionSlots = _maxConnections > 0 ? new SemaphoreSlim(_maxConnections, _maxConnections) : null;
             _acceptLoop = AcceptLoopAsync(listener, _connectionSlots, _stopping.Token);
         }
-        _logger.LogInformation("NBD server listening on {Address}", Describe(address));
+        _logger.LogInformation("NBD server listening on {Address}{Tls}", Describe(address), tls is null ? "" : " (TLS required)");
     }
 
     /// <summary>
@@ -215,6 +233,10 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
                         File.Delete(unix.Path);
                     }
                     socket.Bind(new UnixDomainSocketEndPoint(unix.Abstract ? "\0" + unix.Path : unix.Path));
+                    if (!unix.Abstract)
+                    {
+                        SocketFiles.RestrictToOwner(unix.Path);
+                    }
                     socket.Listen(128);
                     return socket;
                 }
@@ -433,7 +455,12 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
                 socket.NoDelay = true;
             }
             var client = socket.RemoteEndPoint is IPEndPoint ip ? ip.ToString() : $"unix#{Interlocked.Increment(ref _clientCounter)}";
-            var connection = new NbdConnection(socket, this, _logger, client);
+            TlsServerPolicy? tls;
+            lock (_lock)
+            {
+                tls = _tls;
+            }
+            var connection = new NbdConnection(socket, this, _logger, client, tls);
             lock (_lock)
             {
                 _connections.Add(connection);

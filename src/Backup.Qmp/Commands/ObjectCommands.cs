@@ -1,42 +1,10 @@
 using System.Text;
 using System.Text.Json.Nodes;
 using Backup.Block;
+using Backup.Block.Objects;
+using Backup.Block.Security;
 
 namespace Backup.Qmp.Commands;
-
-/// <summary>A created object; only secrets exist so far.</summary>
-public sealed record SecretObject(string Id, byte[] Value);
-
-/// <summary>The objects the daemon holds, by id (QEMU's /objects container).</summary>
-public sealed class ObjectRegistry
-{
-    private readonly Lock _lock = new();
-    private readonly Dictionary<string, object> _objects = new(StringComparer.Ordinal);
-
-    public bool TryAdd(string id, object value)
-    {
-        lock (_lock)
-        {
-            return _objects.TryAdd(id, value);
-        }
-    }
-
-    public bool Remove(string id)
-    {
-        lock (_lock)
-        {
-            return _objects.Remove(id);
-        }
-    }
-
-    public T? Find<T>(string id) where T : class
-    {
-        lock (_lock)
-        {
-            return _objects.GetValueOrDefault(id) as T;
-        }
-    }
-}
 
 /// <summary>object-add and object-del.</summary>
 public sealed class ObjectCommands(ObjectRegistry objects) : ICommandModule
@@ -48,10 +16,25 @@ public sealed class ObjectCommands(ObjectRegistry objects) : ICommandModule
         {
             var id = args["id"]!.GetValue<string>();
             BlockGraph.ValidateObjectId(id);
-            var secret = CreateSecret(id, args);
-            if (!objects.TryAdd(id, secret))
+            // QEMU adds the object under /objects before it completes (loads) it: a taken id is the first error.
+            if (objects.Find(id) is not null)
             {
-                throw new BlockException($"attempt to add duplicate property '{id}' to object (type 'container')");
+                throw Duplicate(id);
+            }
+            object created = args["qom-type"]!.GetValue<string>() switch
+            {
+                "secret" => CreateSecret(id, args),
+                "tls-creds-x509" => CreateX509(id, args),
+                "tls-creds-psk" => TlsCredentialsPsk.Create(id, args["dir"]?.GetValue<string>(), Endpoint(args)),
+                "authz-simple" => new AuthzSimple(id, args["identity"]!.GetValue<string>()),
+                "authz-list" => new AuthzList(id, Policy(args["policy"]) ?? AuthzPolicy.Deny, Rules(args["rules"])),
+                "authz-listfile" => AuthzListFile.Load(id, args["filename"]!.GetValue<string>(), args["refresh"]?.GetValue<bool>() ?? true),
+                var type => throw new BlockException($"invalid object type: {type}"),
+            };
+            if (!objects.TryAdd(id, created))
+            {
+                (created as IDisposable)?.Dispose();
+                throw Duplicate(id);
             }
             return ValueTask.FromResult<JsonNode?>(null);
         });
@@ -64,6 +47,46 @@ public sealed class ObjectCommands(ObjectRegistry objects) : ICommandModule
             }
             return ValueTask.FromResult<JsonNode?>(null);
         });
+    }
+
+    private static BlockException Duplicate(string id) => new($"attempt to add duplicate property '{id}' to object (type 'container')");
+
+    private TlsCredentialsX509 CreateX509(string id, JsonObject args)
+    {
+        CheckPriority(args);
+        return TlsCredentialsX509.Load(new TlsX509Options(id, args["dir"]?.GetValue<string>(), Endpoint(args),
+            args["verify-peer"]?.GetValue<bool>() ?? true, args["sanity-check"]?.GetValue<bool>() ?? true,
+            args["passwordid"]?.GetValue<string>()), objects);
+    }
+
+    private static TlsEndpoint Endpoint(JsonObject args) =>
+        args["endpoint"]?.GetValue<string>() == "server" ? TlsEndpoint.Server : TlsEndpoint.Client;
+
+    private static AuthzPolicy? Policy(JsonNode? node) => node?.GetValue<string>() switch
+    {
+        null => null,
+        "allow" => AuthzPolicy.Allow,
+        _ => AuthzPolicy.Deny,
+    };
+
+    private static List<AuthzRule> Rules(JsonNode? node) => node?.AsArray().Select(r => new AuthzRule(
+        r!["match"]!.GetValue<string>(),
+        Policy(r["policy"]) ?? AuthzPolicy.Deny,
+        r["format"]?.GetValue<string>() == "glob" ? AuthzMatchFormat.Glob : AuthzMatchFormat.Exact)).ToList() ?? [];
+
+    /// <summary>
+    /// QEMU's priority is a GnuTLS priority string; backupd's TLS is OpenSSL's through .NET, which cannot
+    /// honour one. The system's defaults are what QEMU's "@SYSTEM"/"NORMAL" mean, so those are accepted;
+    /// anything else is refused rather than silently ignored.
+    /// </summary>
+    private static void CheckPriority(JsonObject args)
+    {
+        var priority = args["priority"]?.GetValue<string>();
+        if (priority is null or "NORMAL" or "@SYSTEM" or "SYSTEM")
+        {
+            return;
+        }
+        throw new BlockException($"TLS priority '{priority}' is not supported by backupd: only NORMAL or @SYSTEM (the system's TLS policy)");
     }
 
     private static SecretObject CreateSecret(string id, JsonObject args)

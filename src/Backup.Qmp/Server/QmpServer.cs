@@ -3,6 +3,7 @@ using System.Net.Sockets;
 using System.Text.Json.Nodes;
 using Backup.Block;
 using Backup.Block.Posix;
+using Backup.Block.Security;
 using Backup.Qmp.Session;
 using Microsoft.Extensions.Logging;
 
@@ -90,6 +91,9 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
     /// </summary>
     public const int DefaultMaxSessionsPerListener = 128;
 
+    /// <summary>How long a TLS client may take to shake hands before its connection is dropped (it holds a session slot meanwhile).</summary>
+    public static readonly TimeSpan TlsHandshakeTimeout = TimeSpan.FromSeconds(10);
+
     public QmpServer(QmpDispatcher dispatcher, VersionInfo version, ILogger logger)
     {
         _dispatcher = dispatcher;
@@ -126,13 +130,16 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
     /// <param name="endpoint">Where.</param>
     /// <param name="firstClient">Completed when the first client of this endpoint has connected
     /// (at once for a connection); QEMU's <c>wait=on</c> holds start-up on it.</param>
-    public QmpEndpoint Open(QmpEndpoint endpoint, out Task firstClient)
+    /// <param name="tls">QEMU's chardev tls-creds/tls-authz: each connection is TLS (a listener's as the
+    /// server, a connection the daemon makes as the client), set up before the greeting.</param>
+    public QmpEndpoint Open(QmpEndpoint endpoint, out Task firstClient, TlsServerPolicy? tls = null)
     {
         ArgumentNullException.ThrowIfNull(endpoint);
         if (endpoint.IsConnection)
         {
             var connection = Connect(endpoint);
-            _tasks.Add(RunSessionAsync(connection, endpoint.ToString(), slot: null));
+            var host = endpoint is QmpEndpoint.TcpConnect tc ? tc.Host : null;
+            _tasks.Add(RunSessionAsync(connection, endpoint.ToString(), slot: null, tls, tlsHostname: host));
             _logger.LogInformation("QMP monitor on connection {Endpoint}", endpoint);
             firstClient = Task.CompletedTask;
             return endpoint;
@@ -148,6 +155,7 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
                 }
                 socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
                 Bind(socket, new UnixDomainSocketEndPoint(u.Path), u.Path);
+                SocketFiles.RestrictToOwner(u.Path);
                 break;
             case QmpEndpoint.Tcp t:
                 var address = t.Host is "" or "0.0.0.0" ? IPAddress.Any
@@ -181,8 +189,8 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
         firstClient = first.Task;
         AcceptBackoff.StartRuntimeTimerThread();
         _listeners.Add((socket, endpoint));
-        _tasks.Add(AcceptLoopAsync(socket, endpoint, first));
-        _logger.LogInformation("QMP listening on {Endpoint}", endpoint);
+        _tasks.Add(AcceptLoopAsync(socket, endpoint, first, tls));
+        _logger.LogInformation("QMP listening on {Endpoint}{Tls}", endpoint, tls is null ? "" : " (TLS)");
         return endpoint;
     }
 
@@ -273,7 +281,7 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
         _ => e.Message,
     };
 
-    private async Task AcceptLoopAsync(Socket listener, QmpEndpoint endpoint, TaskCompletionSource firstClient)
+    private async Task AcceptLoopAsync(Socket listener, QmpEndpoint endpoint, TaskCompletionSource firstClient, TlsServerPolicy? tls)
     {
         var ct = _stopping.Token;
         var backoff = new AcceptBackoff();
@@ -346,7 +354,7 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
             }
             var peer = client.RemoteEndPoint?.ToString() is { Length: > 0 } r ? r : endpoint.ToString();
             sessions.RemoveAll(t => t.IsCompleted);
-            sessions.Add(RunSessionAsync(client, peer, slots));
+            sessions.Add(RunSessionAsync(client, peer, slots, tls, tlsHostname: null));
             firstClient.TrySetResult();
         }
         firstClient.TrySetCanceled(CancellationToken.None);
@@ -355,9 +363,67 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
     }
 
     /// <param name="slot">The listener's session slot and a connection-budget share, given back at the end; null for a monitor connection the daemon made itself.</param>
-    private async Task RunSessionAsync(Socket client, string peer, SemaphoreSlim? slot)
+    /// <param name="tls">TLS for this connection: as the server when <paramref name="slot"/> is a listener's, else as the client.</param>
+    /// <param name="tlsHostname">The name the server's certificate must carry, for a connection the daemon made.</param>
+    private async Task RunSessionAsync(Socket client, string peer, SemaphoreSlim? slot, TlsServerPolicy? tls, string? tlsHostname)
     {
-        await using var stream = new NetworkStream(client, ownsSocket: true);
+        try
+        {
+            await using var network = new NetworkStream(client, ownsSocket: true);
+            var stream = tls is null ? network : await StartTlsAsync(network, peer, tls, asServer: slot is not null, tlsHostname).ConfigureAwait(false);
+            if (stream is null)
+            {
+                return;
+            }
+            await using (stream.ConfigureAwait(false))
+            {
+                await RunSessionAsync(stream, peer).ConfigureAwait(false);
+            }
+        }
+        finally
+        {
+            if (slot is not null)
+            {
+                ConnectionBudget.Release();
+                slot.Release();
+            }
+        }
+    }
+
+    /// <summary>The TLS session over <paramref name="network"/>, or null when the handshake failed or the client was refused (logged, as QEMU reports it).</summary>
+    private async Task<Stream?> StartTlsAsync(NetworkStream network, string peer, TlsServerPolicy tls, bool asServer, string? hostname)
+    {
+        using var timeout = CancellationTokenSource.CreateLinkedTokenSource(_stopping.Token);
+        timeout.CancelAfter(TlsHandshakeTimeout);
+        try
+        {
+            return asServer
+                ? await TlsChannel.AcceptAsync(network, tls, timeout.Token).ConfigureAwait(false)
+                : await TlsChannel.ConnectAsync(network, tls.Credentials, hostname, timeout.Token).ConfigureAwait(false);
+        }
+        catch (TlsException e)
+        {
+            _logger.LogWarning("QMP {Client}: TLS: {Reason}", peer, e.Message);
+        }
+        catch (OperationCanceledException)
+        {
+            _logger.LogWarning("QMP {Client}: TLS handshake not finished within {Seconds} s", peer, TlsHandshakeTimeout.TotalSeconds);
+        }
+        catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
+        {
+            _logger.LogDebug("QMP {Client}: connection ended during the TLS handshake: {Error}", peer, e.Message);
+        }
+#pragma warning disable CA1031 // one client's failed handshake must not end the listener
+        catch (Exception e)
+#pragma warning restore CA1031
+        {
+            _logger.LogError(e, "QMP {Client}: TLS handshake failed", peer);
+        }
+        return null;
+    }
+
+    private async Task RunSessionAsync(Stream stream, string peer)
+    {
         using var session = new QmpSession(stream, _dispatcher, _logger, peer);
         lock (_sessionsLock)
         {
@@ -377,11 +443,6 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
             lock (_sessionsLock)
             {
                 _sessions.Remove(session);
-            }
-            if (slot is not null)
-            {
-                ConnectionBudget.Release();
-                slot.Release();
             }
             _logger.LogDebug("QMP {Client}: disconnected", peer);
         }

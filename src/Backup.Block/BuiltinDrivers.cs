@@ -15,5 +15,6 @@ public static class BuiltinDrivers
         new Drivers.CopyBeforeWrite.CopyBeforeWriteDriver(),
         Drivers.Null.NullDriver.Co,
         Drivers.Null.NullDriver.Aio,
+        new Drivers.Nbd.NbdDriver(),
     ];
 }

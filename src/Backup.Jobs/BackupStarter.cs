@@ -93,18 +93,30 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         {
             backing = source;
         }
+        // An nbd: or nbd+unix:// name selects the nbd protocol, as QEMU picks a protocol by a file name's prefix.
+        var remote = Block.Drivers.Nbd.NbdFilename.IsNbd(path);
+        Func<BlockOptions> protocol = remote
+            ? () => Block.Drivers.Nbd.NbdFilename.Parse(path)
+            : () => new BlockOptions { ["driver"] = "file", ["filename"] = path };
         if (mode != "existing")
         {
-            await CreateImageAsync(path, format!, source.Length, sync == "none" ? null : backing, cancellationToken).ConfigureAwait(false);
+            if (remote)
+            {
+                await FormatRemoteAsync(protocol(), format!, source.Length, sync == "none" ? null : backing, cancellationToken).ConfigureAwait(false);
+            }
+            else
+            {
+                await CreateImageAsync(path, format!, source.Length, sync == "none" ? null : backing, cancellationToken).ConfigureAwait(false);
+            }
         }
         if (format is null)
         {
-            format = await ProbeAsync(path).ConfigureAwait(false);
+            format = remote ? await ProbeNodeAsync(protocol(), cancellationToken).ConfigureAwait(false) : await ProbeAsync(path).ConfigureAwait(false);
         }
         var options = new BlockOptions
         {
             ["driver"] = format,
-            ["file"] = new BlockOptions { ["driver"] = "file", ["filename"] = path },
+            ["file"] = protocol(),
         };
         if (sync == "none")
         {
@@ -277,6 +289,58 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
     /// <summary>The backing node of a format node (skipping raw's file), if any.</summary>
     private static BlockNode? BackingOf(BlockNode node) =>
         node.Children.FirstOrDefault(c => c.Role == "backing")?.Node;
+
+    /// <summary>The format of an image on a node that is not a host file (an NBD export): qcow2's magic, else raw.</summary>
+    private async Task<string> ProbeNodeAsync(BlockOptions protocol, CancellationToken cancellationToken)
+    {
+        var node = await graph.OpenOwnedAsync(protocol, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            var header = new byte[4];
+            if (node.Length < header.Length)
+            {
+                return "raw";
+            }
+            await node.ReadAsync(0, header, cancellationToken).ConfigureAwait(false);
+            return header is [(byte)'Q', (byte)'F', (byte)'I', 0xfb] ? "qcow2" : "raw";
+        }
+        finally
+        {
+            await graph.ReleaseAsync(node).ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>
+    /// bdrv_img_create on a remote export: raw needs nothing (the export has its size); qcow2 is written onto
+    /// the export, as QEMU formats an image on any protocol node.
+    /// </summary>
+    private async Task FormatRemoteAsync(BlockOptions protocol, string format, long size, BlockNode? backing, CancellationToken cancellationToken)
+    {
+        if (format is not ("qcow2" or "raw"))
+        {
+            throw new BlockException(graph.DriverNames.Contains(format)
+                ? $"Format driver '{format}' does not support image creation"
+                : $"Unknown driver '{format}'");
+        }
+        if (format == "raw")
+        {
+            return;
+        }
+        var node = await graph.OpenOwnedAsync(protocol, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            await Qcow2Creator.CreateAsync(node, new Qcow2CreateOptions
+            {
+                Size = size,
+                BackingFile = backing?.Filename,
+                BackingFormat = backing?.DriverName,
+            }, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            await graph.ReleaseAsync(node).ConfigureAwait(false);
+        }
+    }
 
     private static async Task<string> ProbeAsync(string path)
     {

@@ -8,7 +8,7 @@ namespace Backup.Nbd.Protocol;
 /// connection loop only ever needs "the next N bytes" or "skip N bytes". Each call advances the
 /// reader past what it consumed and marks everything it saw as examined.
 /// </summary>
-internal static class PipeReading
+public static class PipeReading
 {
     /// <summary>Fills <paramref name="destination"/>; false if the peer closed before it was full.</summary>
     public static async ValueTask<bool> ReadExactAsync(this PipeReader reader, Memory<byte> destination, CancellationToken cancellationToken)

@@ -7,7 +7,7 @@ namespace Backup.Nbd.Protocol;
 /// (NetworkBlockDevice/nbd doc/proto.md) and QEMU's docs/interop/nbd.txt.
 /// Everything on the wire is big-endian (network byte order).
 /// </summary>
-internal static class NbdWire
+public static class NbdWire
 {
     // ------------------------------------------------------------------ handshake magics (proto.md "Newstyle negotiation")
 
@@ -186,7 +186,7 @@ internal static class NbdWire
 }
 
 /// <summary>The server's first message (proto.md "Newstyle negotiation"): NBDMAGIC, IHAVEOPT, handshake flags.</summary>
-internal readonly record struct NbdServerGreeting(ushort HandshakeFlags)
+public readonly record struct NbdServerGreeting(ushort HandshakeFlags)
 {
     public const int Size = 18;
 
@@ -211,7 +211,7 @@ internal readonly record struct NbdServerGreeting(ushort HandshakeFlags)
 }
 
 /// <summary>The header of one client option (proto.md "Newstyle negotiation"): IHAVEOPT, option, length; data follows.</summary>
-internal readonly record struct NbdOptionHeader(ulong Magic, uint Option, uint Length)
+public readonly record struct NbdOptionHeader(ulong Magic, uint Option, uint Length)
 {
     public const int Size = 16;
 
@@ -238,7 +238,7 @@ internal readonly record struct NbdOptionHeader(ulong Magic, uint Option, uint L
 }
 
 /// <summary>The header of one option reply (proto.md "Fixed newstyle negotiation"): magic, option, reply type, length.</summary>
-internal readonly record struct NbdOptionReplyHeader(uint Option, uint ReplyType, uint Length)
+public readonly record struct NbdOptionReplyHeader(uint Option, uint ReplyType, uint Length)
 {
     public const int Size = 20;
 
@@ -266,7 +266,7 @@ internal readonly record struct NbdOptionReplyHeader(uint Option, uint ReplyType
 }
 
 /// <summary>The reply to NBD_OPT_EXPORT_NAME (proto.md "Newstyle negotiation"): size, transmission flags, optional 124 zero bytes.</summary>
-internal readonly record struct NbdExportNameReply(ulong Size, ushort TransmissionFlags)
+public readonly record struct NbdExportNameReply(ulong Size, ushort TransmissionFlags)
 {
     public const int MinSize = 10;
 
@@ -278,7 +278,7 @@ internal readonly record struct NbdExportNameReply(ulong Size, ushort Transmissi
 }
 
 /// <summary>NBD_INFO_EXPORT payload of NBD_REP_INFO: info type, export size, transmission flags.</summary>
-internal readonly record struct NbdInfoExport(ulong ExportSize, ushort TransmissionFlags)
+public readonly record struct NbdInfoExport(ulong ExportSize, ushort TransmissionFlags)
 {
     public const int Size = 12;
 
@@ -302,7 +302,7 @@ internal readonly record struct NbdInfoExport(ulong ExportSize, ushort Transmiss
 }
 
 /// <summary>NBD_INFO_BLOCK_SIZE payload of NBD_REP_INFO: info type, minimum, preferred and maximum block size.</summary>
-internal readonly record struct NbdInfoBlockSize(uint Minimum, uint Preferred, uint Maximum)
+public readonly record struct NbdInfoBlockSize(uint Minimum, uint Preferred, uint Maximum)
 {
     public const int Size = 14;
 
@@ -316,7 +316,7 @@ internal readonly record struct NbdInfoBlockSize(uint Minimum, uint Preferred, u
 }
 
 /// <summary>One transmission request (proto.md "Request message"); WRITE data follows it.</summary>
-internal readonly record struct NbdRequest(uint Magic, ushort Flags, ushort Type, ulong Cookie, ulong Offset, uint Length)
+public readonly record struct NbdRequest(uint Magic, ushort Flags, ushort Type, ulong Cookie, ulong Offset, uint Length)
 {
     public const int Size = 28;
 
@@ -349,7 +349,7 @@ internal readonly record struct NbdRequest(uint Magic, ushort Flags, ushort Type
 }
 
 /// <summary>A simple reply (proto.md "Simple reply message"): magic, error, cookie; READ data follows on success.</summary>
-internal readonly record struct NbdSimpleReply(uint Error, ulong Cookie)
+public readonly record struct NbdSimpleReply(uint Error, ulong Cookie)
 {
     public const int Size = 16;
 
@@ -373,7 +373,7 @@ internal readonly record struct NbdSimpleReply(uint Error, ulong Cookie)
 }
 
 /// <summary>The header of one structured reply chunk (proto.md "Structured reply chunk message"): magic, flags, type, cookie, length.</summary>
-internal readonly record struct NbdStructuredReplyHeader(ushort Flags, ushort Type, ulong Cookie, uint Length)
+public readonly record struct NbdStructuredReplyHeader(ushort Flags, ushort Type, ulong Cookie, uint Length)
 {
     public const int Size = 20;
 
@@ -403,7 +403,7 @@ internal readonly record struct NbdStructuredReplyHeader(ushort Flags, ushort Ty
 }
 
 /// <summary>NBD_REPLY_TYPE_OFFSET_HOLE payload: offset, hole size.</summary>
-internal readonly record struct NbdOffsetHole(ulong Offset, uint HoleSize)
+public readonly record struct NbdOffsetHole(ulong Offset, uint HoleSize)
 {
     public const int Size = 12;
 
@@ -415,7 +415,7 @@ internal readonly record struct NbdOffsetHole(ulong Offset, uint HoleSize)
 }
 
 /// <summary>One descriptor of an NBD_REPLY_TYPE_BLOCK_STATUS payload: extent length, status flags.</summary>
-internal readonly record struct NbdBlockDescriptor(uint Length, uint StatusFlags)
+public readonly record struct NbdBlockDescriptor(uint Length, uint StatusFlags)
 {
     public const int Size = 8;
 

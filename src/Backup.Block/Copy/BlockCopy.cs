@@ -98,6 +98,8 @@ public sealed class BlockCopy : IDisposable
     private int _inFlightCount;
     private IBlockCopyOwner? _owner;
     private volatile bool _guestCopiesOff;
+    /// <summary>Guest copies never defer their target write (a snapshot reader reads the target).</summary>
+    private bool _inlineOnly;
     /// <summary>When a guest copy was last asked for (Environment.TickCount64).</summary>
     private long _lastGuestWrite = long.MinValue / 2;
     /// <summary>Guest copies whose target write runs after the guest write went on, and their bytes (under _claim).</summary>
@@ -530,6 +532,20 @@ public sealed class BlockCopy : IDisposable
         }
     }
 
+    /// <summary>
+    /// From now on a guest copy is done only once its data is on the target; completes when the deferred
+    /// target writes already handed off have ended. A snapshot reader needs this: it reads saved clusters
+    /// from the target.
+    /// </summary>
+    public Task KeepGuestCopiesInlineAsync()
+    {
+        lock (_claim)
+        {
+            _inlineOnly = true;
+            return DeferredDrainedLocked();
+        }
+    }
+
     /// <summary>Counts a deferred guest copy against the memory cap; false when it would exceed it or the owner does not defer.</summary>
     private bool TryReserveDeferred(int size)
     {
@@ -539,7 +555,7 @@ public sealed class BlockCopy : IDisposable
         }
         lock (_claim)
         {
-            if (_deferredBytes + size > MaxDeferredBytes || _guestCopiesOff)
+            if (_deferredBytes + size > MaxDeferredBytes || _guestCopiesOff || _inlineOnly)
             {
                 return false;
             }

@@ -16,6 +16,12 @@ public sealed record BlockCopyOptions
     public bool Compress { get; init; }
 
     /// <summary>
+    /// Discard each range on the source once a background copy wrote it to the target (upstream QEMU's
+    /// discard-source). Not for guest copies: a guest write may cover part of a cluster only.
+    /// </summary>
+    public bool DiscardSource { get; init; }
+
+    /// <summary>
     /// No guest copies until <see cref="BlockCopy.Activate"/>: a job inserts its filter, then takes its
     /// point in time (freezes its bitmap, sets what to copy) and only then lets guest writes copy.
     /// </summary>
@@ -91,6 +97,7 @@ public sealed class BlockCopy : IDisposable
     private readonly long _cluster;
     private readonly int _maxChunk;
     private readonly bool _compress;
+    private readonly bool _discardSource;
     /// <summary>The target has no backing node, so where it reads as zeros nothing below can show through.</summary>
     private readonly bool _targetReadsZeroInit;
     private readonly Lock _claim = new();
@@ -126,6 +133,7 @@ public sealed class BlockCopy : IDisposable
         _maxChunk = (int)Math.Max(_cluster, options.MaxChunk > 0 ? Math.Min(options.MaxChunk, MaxChunkCap) : DefaultChunk);
         _maxChunk -= (int)(_maxChunk % _cluster);
         _compress = options.Compress;
+        _discardSource = options.DiscardSource;
         _guestCopiesOff = options.StartInactive;
         _targetReadsZeroInit = !target.Children.Any(c => c.Role == "backing");
         _copyBitmap = source.GetDirtyBitmaps().CreateAnonymous(_cluster, enabled: false);
@@ -330,6 +338,7 @@ public sealed class BlockCopy : IDisposable
                     PutBack(f.Start, f.End);
                     throw;
                 }
+                await DiscardSourceAsync(f.Start, runEnd).ConfigureAwait(false);
                 _owner?.OnProgress(runEnd - f.Start, guestCopy: false);
                 total += runEnd - f.Start;
             }
@@ -508,6 +517,7 @@ public sealed class BlockCopy : IDisposable
                     PutBack(f.Start, f.End);
                     throw;
                 }
+                await DiscardSourceAsync(f.Start, end).ConfigureAwait(false);
                 _owner?.OnProgress(size, guestCopy: false);
                 return size;
             }
@@ -543,6 +553,27 @@ public sealed class BlockCopy : IDisposable
         {
             _inlineOnly = true;
             return DeferredDrainedLocked();
+        }
+    }
+
+    /// <summary>
+    /// discard-source: the range is on the target, the source may let it go. A failed discard changes
+    /// nothing the copy promised (QEMU ignores it too); a source opened with discard=ignore ignores it.
+    /// </summary>
+    private async ValueTask DiscardSourceAsync(long start, long end)
+    {
+        if (!_discardSource || end <= start)
+        {
+            return;
+        }
+        try
+        {
+            await _source.DiscardAsync(start, end - start).ConfigureAwait(false);
+        }
+#pragma warning disable CA1031 // A discard is a hint; the copy itself succeeded.
+        catch (Exception)
+#pragma warning restore CA1031
+        {
         }
     }
 

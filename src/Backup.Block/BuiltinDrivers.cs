@@ -13,6 +13,7 @@ public static class BuiltinDrivers
         new Drivers.Qcow2.Qcow2Driver(),
         new Drivers.Blkdebug.BlkdebugDriver(),
         new Drivers.CopyBeforeWrite.CopyBeforeWriteDriver(),
+        new Drivers.SnapshotAccess.SnapshotAccessDriver(),
         Drivers.Null.NullDriver.Co,
         Drivers.Null.NullDriver.Aio,
         new Drivers.Nbd.NbdDriver(),

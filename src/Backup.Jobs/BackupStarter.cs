@@ -18,6 +18,8 @@ public sealed record BackupRequest
     /// <summary>BitmapSyncMode wire name: on-success, never, always.</summary>
     public string? BitmapMode { get; init; }
     public bool Compress { get; init; }
+    /// <summary>Discard what the job copied on the source (upstream QEMU's discard-source).</summary>
+    public bool DiscardSource { get; init; }
     public string? OnSourceError { get; init; }
     public string? OnTargetError { get; init; }
     public bool AutoFinalize { get; init; } = true;
@@ -226,6 +228,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             MinClusterSize = r.MinClusterSize ?? 0,
             MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
             Compress = r.Compress,
+            DiscardSource = r.DiscardSource,
             // The job lets guest writes copy once it has taken its point in time.
             StartInactive = true,
         };

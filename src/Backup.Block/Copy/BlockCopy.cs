@@ -16,6 +16,12 @@ public sealed record BlockCopyOptions
     public bool Compress { get; init; }
 
     /// <summary>
+    /// Discard each range on the source once a background copy wrote it to the target (upstream QEMU's
+    /// discard-source). Not for guest copies: a guest write may cover part of a cluster only.
+    /// </summary>
+    public bool DiscardSource { get; init; }
+
+    /// <summary>
     /// No guest copies until <see cref="BlockCopy.Activate"/>: a job inserts its filter, then takes its
     /// point in time (freezes its bitmap, sets what to copy) and only then lets guest writes copy.
     /// </summary>
@@ -91,6 +97,7 @@ public sealed class BlockCopy : IDisposable
     private readonly long _cluster;
     private readonly int _maxChunk;
     private readonly bool _compress;
+    private readonly bool _discardSource;
     /// <summary>The target has no backing node, so where it reads as zeros nothing below can show through.</summary>
     private readonly bool _targetReadsZeroInit;
     private readonly Lock _claim = new();
@@ -98,6 +105,8 @@ public sealed class BlockCopy : IDisposable
     private int _inFlightCount;
     private IBlockCopyOwner? _owner;
     private volatile bool _guestCopiesOff;
+    /// <summary>Guest copies never defer their target write (a snapshot reader reads the target).</summary>
+    private bool _inlineOnly;
     /// <summary>When a guest copy was last asked for (Environment.TickCount64).</summary>
     private long _lastGuestWrite = long.MinValue / 2;
     /// <summary>Guest copies whose target write runs after the guest write went on, and their bytes (under _claim).</summary>
@@ -124,6 +133,7 @@ public sealed class BlockCopy : IDisposable
         _maxChunk = (int)Math.Max(_cluster, options.MaxChunk > 0 ? Math.Min(options.MaxChunk, MaxChunkCap) : DefaultChunk);
         _maxChunk -= (int)(_maxChunk % _cluster);
         _compress = options.Compress;
+        _discardSource = options.DiscardSource;
         _guestCopiesOff = options.StartInactive;
         _targetReadsZeroInit = !target.Children.Any(c => c.Role == "backing");
         _copyBitmap = source.GetDirtyBitmaps().CreateAnonymous(_cluster, enabled: false);
@@ -328,6 +338,7 @@ public sealed class BlockCopy : IDisposable
                     PutBack(f.Start, f.End);
                     throw;
                 }
+                await DiscardSourceAsync(f.Start, runEnd).ConfigureAwait(false);
                 _owner?.OnProgress(runEnd - f.Start, guestCopy: false);
                 total += runEnd - f.Start;
             }
@@ -506,6 +517,7 @@ public sealed class BlockCopy : IDisposable
                     PutBack(f.Start, f.End);
                     throw;
                 }
+                await DiscardSourceAsync(f.Start, end).ConfigureAwait(false);
                 _owner?.OnProgress(size, guestCopy: false);
                 return size;
             }
@@ -530,6 +542,41 @@ public sealed class BlockCopy : IDisposable
         }
     }
 
+    /// <summary>
+    /// From now on a guest copy is done only once its data is on the target; completes when the deferred
+    /// target writes already handed off have ended. A snapshot reader needs this: it reads saved clusters
+    /// from the target.
+    /// </summary>
+    public Task KeepGuestCopiesInlineAsync()
+    {
+        lock (_claim)
+        {
+            _inlineOnly = true;
+            return DeferredDrainedLocked();
+        }
+    }
+
+    /// <summary>
+    /// discard-source: the range is on the target, the source may let it go. A failed discard changes
+    /// nothing the copy promised (QEMU ignores it too); a source opened with discard=ignore ignores it.
+    /// </summary>
+    private async ValueTask DiscardSourceAsync(long start, long end)
+    {
+        if (!_discardSource || end <= start)
+        {
+            return;
+        }
+        try
+        {
+            await _source.DiscardAsync(start, end - start).ConfigureAwait(false);
+        }
+#pragma warning disable CA1031 // A discard is a hint; the copy itself succeeded.
+        catch (Exception)
+#pragma warning restore CA1031
+        {
+        }
+    }
+
     /// <summary>Counts a deferred guest copy against the memory cap; false when it would exceed it or the owner does not defer.</summary>
     private bool TryReserveDeferred(int size)
     {
@@ -539,7 +586,7 @@ public sealed class BlockCopy : IDisposable
         }
         lock (_claim)
         {
-            if (_deferredBytes + size > MaxDeferredBytes || _guestCopiesOff)
+            if (_deferredBytes + size > MaxDeferredBytes || _guestCopiesOff || _inlineOnly)
             {
                 return false;
             }

@@ -21,6 +21,8 @@ public enum ChildKind
     CopyBeforeWriteSource,
     /// <summary>copy-before-write's target: written by the filter, everything shared.</summary>
     CopyBeforeWriteTarget,
+    /// <summary>snapshot-access's file: reads the filter's snapshot view, takes nothing, shares everything.</summary>
+    SnapshotView,
 }
 
 public static class ChildKinds
@@ -35,6 +37,7 @@ public static class ChildKinds
         {
             "raw" => ChildKind.RawFile,
             "copy-before-write" => ChildKind.CopyBeforeWriteSource,
+            "snapshot-access" => ChildKind.SnapshotView,
             "qcow2" => ChildKind.Storage,
             _ => ChildKind.Filtered,
         },

@@ -52,6 +52,8 @@ public static class PermissionRules
                 return (perm | R, shared & ~RS);
             case ChildKind.CopyBeforeWriteTarget:
                 return (W, BlockPermissions.All);
+            case ChildKind.SnapshotView:
+                return (BlockPermissions.None, BlockPermissions.All);
             default:
                 throw new ArgumentOutOfRangeException(nameof(kind));
         }

@@ -46,6 +46,7 @@ public sealed class BackupCommands(BackupStarter starter) : ICommandModule
             Bitmap = Str(a, "bitmap"),
             BitmapMode = Str(a, "bitmap-mode"),
             Compress = a["compress"]?.GetValue<bool>() ?? false,
+            DiscardSource = a["discard-source"]?.GetValue<bool>() ?? false,
             OnSourceError = Str(a, "on-source-error"),
             OnTargetError = Str(a, "on-target-error"),
             AutoFinalize = a["auto-finalize"]?.GetValue<bool>() ?? true,

@@ -41,7 +41,7 @@ internal static class NbdErrors
     /// <summary>Linux errno → the closest NBD error (the protocol has only a handful).</summary>
     public static uint FromErrno(int errno) => errno switch
     {
-        EPERM or EACCES or EROFS => NbdWire.NBD_EPERM,
+        EPERM or EROFS => NbdWire.NBD_EPERM,
         ENOMEM => NbdWire.NBD_ENOMEM,
         EINVAL => NbdWire.NBD_EINVAL,
         ENOSPC or EDQUOT or EFBIG => NbdWire.NBD_ENOSPC,
@@ -50,7 +50,8 @@ internal static class NbdErrors
         ESHUTDOWN => NbdWire.NBD_ESHUTDOWN,
         EIO => NbdWire.NBD_EIO,
         // QEMU's server sends EINVAL for what the protocol has no code for; a copy-before-write timeout is one.
-        ETIMEDOUT => NbdWire.NBD_EINVAL,
+        // So is EACCES: a read of a snapshot view that cannot be read (snapshot-access).
+        ETIMEDOUT or EACCES => NbdWire.NBD_EINVAL,
         _ => NbdWire.NBD_EIO,
     };
 

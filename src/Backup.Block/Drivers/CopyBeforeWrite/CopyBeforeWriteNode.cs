@@ -28,7 +28,7 @@ public enum OnCbwError
 /// Like QEMU's filter it keeps two bitmaps of its own, listed (nameless) by the node queries: the clusters
 /// a snapshot reader may read (the copy bitmap when the filter was made) and those copy-before-write saved.
 /// </summary>
-public sealed class CopyBeforeWriteNode : BlockNode
+public sealed partial class CopyBeforeWriteNode : BlockNode
 {
     private readonly BlockNode _file;
     private readonly BlockNode _target;
@@ -165,8 +165,8 @@ public sealed class CopyBeforeWriteNode : BlockNode
         var copy = _copy.CopyBeforeWriteAsync(offset, length);
         if (copy.IsCompletedSuccessfully && _timeout == TimeSpan.Zero)
         {
-            MarkDone(offset, length);
-            return ValueTask.CompletedTask;
+            var readers = MarkDone(offset, length, error: null);
+            return readers is null ? ValueTask.CompletedTask : new ValueTask(readers);
         }
         return AwaitCopyAsync(copy, offset, length);
     }
@@ -203,31 +203,42 @@ public sealed class CopyBeforeWriteNode : BlockNode
         {
             error = ex;
         }
-        if (error is null)
-        {
-            MarkDone(offset, length);
-            return;
-        }
-        if (_onError == OnCbwError.BreakGuestWrite)
+        if (error is not null && _onError == OnCbwError.BreakGuestWrite)
         {
             throw error;
         }
-        Interlocked.CompareExchange(ref _snapshotError, error, null);
+        if (MarkDone(offset, length, error) is { } readers)
+        {
+            await readers.ConfigureAwait(false);
+        }
     }
 
-    /// <summary>Records the clusters under a guest write as saved (QEMU marks the aligned range once block-copy succeeded).</summary>
-    private void MarkDone(long offset, long length)
+    /// <summary>
+    /// Records the clusters under a guest write as saved (QEMU marks the aligned range once block-copy
+    /// succeeded), or the snapshot as broken by <paramref name="error"/> (break-snapshot). Returns the
+    /// snapshot reads of the source in that range still running, which the write must let end first
+    /// (QEMU's frozen read requests), or null when there are none.
+    /// </summary>
+    private Task? MarkDone(long offset, long length, Exception? error)
     {
         var cluster = _copy.ClusterSize;
         var start = offset / cluster * cluster;
         var end = Math.Min((offset + length + cluster - 1) / cluster * cluster, _done.Bits.Size);
         if (end <= start)
         {
-            return;
+            return null;
         }
         lock (_lock)
         {
-            _done.Bits.Set(start, end - start);
+            if (error is null)
+            {
+                _done.Bits.Set(start, end - start);
+            }
+            else
+            {
+                _snapshotError ??= error;
+            }
+            return FrozenReadsLocked(start, end);
         }
     }
 

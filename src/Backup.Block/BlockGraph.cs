@@ -1,4 +1,6 @@
 using Backup.Block.Permissions;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 
 namespace Backup.Block;
 
@@ -45,6 +47,9 @@ public sealed class BlockGraph
 
     /// <summary>A graph with the drivers this assembly provides.</summary>
     public static BlockGraph CreateDefault() => new(BuiltinDrivers.All);
+
+    /// <summary>Where the graph tells which nodes open and close (debug), with the node name as a property.</summary>
+    public ILogger Logger { get; init; } = NullLogger.Instance;
 
     public IReadOnlyCollection<string> DriverNames => _drivers.Keys;
 
@@ -192,6 +197,7 @@ public sealed class BlockGraph
                 ReleasePermissions();
                 throw;
             }
+            Logger.LogDebug("node {Node}: {Driver} filter inserted above node {Child}", name, node.DriverName, child.NodeName);
             return node;
         }
     }
@@ -209,6 +215,7 @@ public sealed class BlockGraph
             Unlink(filter);
             ReleasePermissions();
         }
+        Logger.LogDebug("node {Node}: {Driver} filter removed", filter.NodeName, filter.DriverName);
     }
 
     /// <summary>Takes a node out of the name tables and its edges out of its children (graph lock held).</summary>
@@ -467,6 +474,8 @@ public sealed class BlockGraph
             // The new node has no users yet, so its edges take what they took while it opened: no change.
             RefreshPermissions();
         }
+        Logger.LogDebug("node {Node}: opened ({Driver}, {Size} bytes{ReadOnly})", name, node.DriverName, node.Length,
+            node.ReadOnly ? ", read-only" : "");
         return node;
     }
 
@@ -520,6 +529,7 @@ public sealed class BlockGraph
             _parents.Remove(node);
         }
         await node.CloseAsync().ConfigureAwait(false);
+        Logger.LogDebug("node {Node}: closed", node.NodeName);
         lock (_lock)
         {
             _uses.Remove(node);

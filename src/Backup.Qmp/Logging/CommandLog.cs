@@ -1,3 +1,5 @@
+using System.Text.Encodings.Web;
+using System.Text.Json;
 using System.Text.Json.Nodes;
 
 namespace Backup.Qmp.Logging;
@@ -14,6 +16,9 @@ public static class CommandLog
     /// <summary>Longer argument texts are cut here: a log line, not a dump.</summary>
     public const int MaxLength = 1024;
 
+    /// <summary>A log line is not HTML: paths and markers stay readable ("&lt;" is not "\u003C").</summary>
+    private static readonly JsonSerializerOptions LogJson = new() { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+
     public static string Arguments(string command, JsonObject? arguments)
     {
         if (arguments is null || arguments.Count == 0)
@@ -22,7 +27,7 @@ public static class CommandLog
         }
         var copy = (JsonObject)arguments.DeepClone();
         Redact(copy, isObjectAdd: command == "object-add");
-        var text = copy.ToJsonString();
+        var text = copy.ToJsonString(LogJson);
         return text.Length <= MaxLength ? text : string.Concat(text.AsSpan(0, MaxLength), "…");
     }
 

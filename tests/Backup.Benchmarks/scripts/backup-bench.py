@@ -9,12 +9,13 @@
                                                    (thin disks); ends with the table of medians and ratios
 
 Each round starts every daemon fresh, in alternation (backupd, then QSD), and prints one line per daemon
-and round (`ROUND LABEL key=seconds ...`, readable by medians.py), then medians. Every timed step is
-wrapped in `flock` on a lock file shared by everyone who measures on the machine by the caller (run the whole script under it): the machine is shared.
+and round (`ROUND LABEL key=seconds ...`, readable by medians.py), then medians. On a shared machine, run
+the whole script under `flock` on a lock file that everyone who measures there uses.
 
 Both daemons get the same QSD command line: --blockdev file + qcow2 (node 'src'), a QMP monitor on a
 Unix socket, an NBD server and a writable export of 'src'. Backup times run from the blockdev-backup
-command to BLOCK_JOB_COMPLETED, as shared/conformance/perf.py measures them. Standard library only.
+command to BLOCK_JOB_COMPLETED, as the project's conformance harness (perf.py, kept outside this
+repository) measures them. Standard library only.
 """
 
 import argparse

@@ -1,4 +1,6 @@
 using Backup.Block.Permissions;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 
 namespace Backup.Block;
 
@@ -46,11 +48,8 @@ public sealed class BlockGraph
     /// <summary>A graph with the drivers this assembly provides.</summary>
     public static BlockGraph CreateDefault() => new(BuiltinDrivers.All);
 
-    /// <summary>
-    /// Told when a node's close failed to write back what it held (the node is closed and gone anyway):
-    /// the node's name and the error, for the log. QEMU prints these to stderr.
-    /// </summary>
-    public Action<string, Exception>? CloseFailed { get; set; }
+    /// <summary>Where the graph tells which nodes open and close (debug), with the node name as a property.</summary>
+    public ILogger Logger { get; init; } = NullLogger.Instance;
 
     public IReadOnlyCollection<string> DriverNames => _drivers.Keys;
 
@@ -198,6 +197,7 @@ public sealed class BlockGraph
                 ReleasePermissions();
                 throw;
             }
+            Logger.LogDebug("node {Node}: {Driver} filter inserted above node {Child}", name, node.DriverName, child.NodeName);
             return node;
         }
     }
@@ -215,6 +215,7 @@ public sealed class BlockGraph
             Unlink(filter);
             ReleasePermissions();
         }
+        Logger.LogDebug("node {Node}: {Driver} filter removed", filter.NodeName, filter.DriverName);
     }
 
     /// <summary>Takes a node out of the name tables and its edges out of its children (graph lock held).</summary>
@@ -480,6 +481,8 @@ public sealed class BlockGraph
             // The new node has no users yet, so its edges take what they took while it opened: no change.
             RefreshPermissions();
         }
+        Logger.LogDebug("node {Node}: opened ({Driver}, {Size} bytes{ReadOnly})", name, node.DriverName, node.Length,
+            node.ReadOnly ? ", read-only" : "");
         return node;
     }
 
@@ -535,13 +538,14 @@ public sealed class BlockGraph
         try
         {
             await node.CloseAsync().ConfigureAwait(false);
+            Logger.LogDebug("node {Node}: closed", node.NodeName);
         }
         catch (Exception e) when (e is IOException or BlockException)
         {
             // As QEMU's bdrv_close: a node whose write-back fails (a target that returns EIO) is closed
             // anyway and the failure is only reported; its children are still released, and a shutdown
             // still closes every other node cleanly, storing their bitmaps.
-            CloseFailed?.Invoke(node.NodeName, e);
+            Logger.LogError("node '{Node}' closed with an error; its image may have leaked clusters: {Error}", node.NodeName, e.Message);
         }
         lock (_lock)
         {

@@ -78,6 +78,8 @@ internal static class HelpText
                                  {"blockdev": [{...}], "qmp": ["unix:/run/b.sock"]}
           --log-file <path>      also write the log to <path>
           --log-level <level>    trace, debug, info, warning (default) or error
+          --log-format text|json lines for people (default), or compact JSON
+                                 (CLEF), one event per line
 
         """;
 }

@@ -3,6 +3,7 @@ using Backup.Block;
 using Backup.Block.Objects;
 using Backup.Daemon.CommandLine;
 using Backup.Daemon.Hosting;
+using Backup.Daemon.Logging;
 using Backup.Diagnostics;
 using Backup.Diagnostics.QemuIo;
 using Backup.Jobs;
@@ -17,9 +18,9 @@ using Backup.Qmp.Transactions;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Hosting.Internal;
+using Microsoft.Extensions.Hosting.Systemd;
 using Microsoft.Extensions.Logging;
 using Serilog;
-using Serilog.Events;
 
 namespace Backup.Daemon;
 
@@ -27,6 +28,7 @@ internal static class Program
 {
     private static async Task<int> Main(string[] args)
     {
+        TerminationSignals.StopIgnoringThem();
         DaemonOptions options;
         try
         {
@@ -92,24 +94,18 @@ internal static class Program
     {
         var builder = Host.CreateApplicationBuilder(new HostApplicationBuilderSettings { DisableDefaults = true, Args = [] });
         builder.Logging.ClearProviders();
-        builder.Logging.SetMinimumLevel(EffectiveLogLevel(options));
-        builder.Logging.AddSerilog(CreateLogger(options), dispose: true);
+        builder.Logging.SetMinimumLevel(DaemonLogging.EffectiveLevel(options));
+        builder.Services.AddSerilog(DaemonLogging.CreateLogger(options), dispose: true);
         builder.Services.Configure<ConsoleLifetimeOptions>(o => o.SuppressStatusMessages = true);
         builder.Services.Configure<HostOptions>(o => o.ShutdownTimeout = TimeSpan.FromSeconds(30));
         builder.Services.AddSingleton<IHostLifetime, ConsoleLifetime>();
+        AddServiceManagerNotification(builder.Services);
 
         var services = builder.Services;
         services.AddSingleton(options);
         services.AddSingleton(SchemaLoader.Default);
         services.AddSingleton(VersionInfo.Current);
-        services.AddSingleton(sp =>
-        {
-            var graph = BlockGraph.CreateDefault();
-            var log = sp.GetRequiredService<ILoggerFactory>().CreateLogger("Backup.Block");
-            graph.CloseFailed = (node, e) =>
-                log.LogError("node '{Node}' closed with an error; its image may have leaked clusters: {Error}", node, e.Message);
-            return graph;
-        });
+        services.AddSingleton(sp => new BlockGraph(BuiltinDrivers.All) { Logger = sp.GetRequiredService<ILogger<BlockGraph>>() });
         services.AddSingleton<ObjectRegistry>();
         services.AddSingleton<IShutdownRequester, HostShutdownRequester>();
         services.AddSingleton<ICommandModule, ControlCommands>();
@@ -129,7 +125,7 @@ internal static class Program
         });
         services.AddSingleton<ICommandModule, NbdCommands>();
         services.AddSingleton<ICommandModule, ObjectCommands>();
-        services.AddSingleton(sp => new JobManager(() => sp.GetRequiredService<IEventSink>()));
+        services.AddSingleton(sp => new JobManager(() => sp.GetRequiredService<IEventSink>(), sp.GetRequiredService<ILogger<JobManager>>()));
         services.AddSingleton<BackupStarter>();
         services.AddSingleton<ICommandModule, JobCommands>();
         services.AddSingleton<ICommandModule, BackupCommands>();
@@ -146,29 +142,19 @@ internal static class Program
         return builder.Build();
     }
 
-    /// <summary>Quiet like QSD unless asked (warnings and errors only); the demo run tells what it does.</summary>
-    private static LogLevel EffectiveLogLevel(DaemonOptions options) =>
-        options.LogLevel ?? (options.DemoMode ? LogLevel.Information : LogLevel.Warning);
-
-    private static Serilog.Core.Logger CreateLogger(DaemonOptions options)
+    /// <summary>
+    /// Under systemd (Type=notify) the host tells the service manager READY=1 once it has started — after
+    /// start-up has opened every QMP listener — and STOPPING=1 when it begins to stop. UseSystemd's test is
+    /// "my parent is systemd"; sd_notify's is only NOTIFY_SOCKET, which also serves supervisors that speak
+    /// the protocol and `systemd-run`-less tests, so either turns it on.
+    /// </summary>
+    private static void AddServiceManagerNotification(IServiceCollection services)
     {
-        var level = EffectiveLogLevel(options) switch
+        services.AddSystemd();
+        if (!SystemdHelpers.IsSystemdService() && Environment.GetEnvironmentVariable("NOTIFY_SOCKET") is { Length: > 0 })
         {
-            LogLevel.Trace => LogEventLevel.Verbose,
-            LogLevel.Debug => LogEventLevel.Debug,
-            LogLevel.Information => LogEventLevel.Information,
-            LogLevel.Warning => LogEventLevel.Warning,
-            _ => LogEventLevel.Error,
-        };
-        const string template = "{Timestamp:yyyy-MM-dd HH:mm:ss.fff} [{Level:u3}] {SourceContext}: {Message:lj}{NewLine}{Exception}";
-        var config = new LoggerConfiguration()
-            .MinimumLevel.Is(level)
-            .Enrich.FromLogContext()
-            .WriteTo.Console(outputTemplate: template, standardErrorFromLevel: LogEventLevel.Verbose, formatProvider: System.Globalization.CultureInfo.InvariantCulture);
-        if (options.LogFile is { } file)
-        {
-            config = config.WriteTo.File(file, outputTemplate: template, formatProvider: System.Globalization.CultureInfo.InvariantCulture);
+            services.AddSingleton<ISystemdNotifier, SystemdNotifier>();
+            services.AddSingleton<IHostLifetime, SystemdLifetime>();
         }
-        return config.CreateLogger();
     }
 }

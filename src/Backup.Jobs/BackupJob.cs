@@ -125,6 +125,19 @@ public sealed class BackupJob : Job, IBlockCopyOwner
 
     public override string Type => "backup";
 
+    protected override string? NodeName => _s.Source.NodeName;
+
+    protected override string Details =>
+        $"sync {_s.Sync.ToString().ToLowerInvariant()} to node {_s.Target.NodeName}"
+        + (_s.Bitmap is { } b ? $", bitmap {b.Name} ({BitmapModeName})" : "");
+
+    private string BitmapModeName => _s.BitmapMode switch
+    {
+        BitmapSyncMode.OnSuccess => "on-success",
+        BitmapSyncMode.Never => "never",
+        _ => "always",
+    };
+
     public BlockNode Source => _s.Source;
 
     public BlockNode Target => _s.Target;

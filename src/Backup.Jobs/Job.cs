@@ -1,4 +1,6 @@
+using System.Diagnostics;
 using Backup.Block;
+using Microsoft.Extensions.Logging;
 
 namespace Backup.Jobs;
 
@@ -35,6 +37,7 @@ public abstract class Job
     private long _progressCurrent;
     private long _progressTotal;
     private Task _task = Task.CompletedTask;
+    private long _startedAt;
 
     protected Job(JobManager manager, JobSettings settings)
     {
@@ -108,7 +111,31 @@ public abstract class Job
     /// <summary>Runs in the job's task after <see cref="RunAsync"/> ended, outside the lock (e.g. wait for in-flight I/O).</summary>
     protected virtual ValueTask AfterRunAsync() => ValueTask.CompletedTask;
 
-    protected void AddProgress(long bytes) => Interlocked.Add(ref _progressCurrent, bytes);
+    /// <summary>The node the job works on, for the log (a backup's source).</summary>
+    protected virtual string? NodeName => null;
+
+    /// <summary>What the job does, in a few words for the log (a backup: sync mode, target, bitmap).</summary>
+    protected virtual string Details => "";
+
+    protected void AddProgress(long bytes)
+    {
+        var now = Interlocked.Add(ref _progressCurrent, bytes);
+        var total = Interlocked.Read(ref _progressTotal);
+        if (total <= 0 || bytes <= 0)
+        {
+            return;
+        }
+        // A line at each quarter passed (25, 50, 75 %): few enough for a log, enough to see a job move.
+        var before = Quarter(now - bytes, total);
+        var after = Quarter(now, total);
+        if (after > before && after < 4 && Manager.Logger.IsEnabled(LogLevel.Information))
+        {
+            Manager.Logger.LogInformation("job {JobId} on node {Node}: {Percent}% ({Bytes} of {TotalBytes} bytes)",
+                Id, NodeName, after * 25, now, total);
+        }
+    }
+
+    private static long Quarter(long done, long total) => (long)((Int128)done * 4 / total);
 
     protected void SetProgressTotal(long bytes) => Interlocked.Exchange(ref _progressTotal, bytes);
 
@@ -212,6 +239,8 @@ public abstract class Job
             "enospc" => errno == 28 ? "stop" : "report",
             _ => "report",
         };
+        Manager.Logger.LogWarning("job {JobId} on node {Node}: {Operation} error: {Error}; action {Action}",
+            Id, NodeName, isRead ? "read" : "write", Describe(error), action);
         lock (Sync)
         {
             EmitBlockEvent("BLOCK_JOB_ERROR", [new("device", Id), new("operation", isRead ? "read" : "write"), new("action", action)]);
@@ -268,6 +297,9 @@ public abstract class Job
             throw new InvalidOperationException($"job '{Id}' cannot start in state {Status}");
         }
         Transition(JobStatus.Running);
+        _startedAt = Stopwatch.GetTimestamp();
+        Manager.Logger.LogInformation("job {JobId} ({JobType}) started on node {Node}: {Details}; {TotalBytes} bytes to copy",
+            Id, Type, NodeName, Details, ProgressTotal);
         _task = Task.Run(RunWrapperAsync);
     }
 
@@ -343,10 +375,14 @@ public abstract class Job
         Clean();
         if (IsCancelled)
         {
+            Manager.Logger.LogInformation("job {JobId} ({JobType}) on node {Node} cancelled after {Bytes} of {TotalBytes} bytes",
+                Id, Type, NodeName, ProgressCurrent, ProgressTotal);
             EmitBlockEvent("BLOCK_JOB_CANCELLED", BlockEventData());
         }
         else
         {
+            Manager.Logger.LogWarning("job {JobId} ({JobType}) on node {Node} failed after {Bytes} of {TotalBytes} bytes: {Error}",
+                Id, Type, NodeName, ProgressCurrent, ProgressTotal, Error);
             var data = BlockEventData();
             data.Add(new("error", Error));
             EmitBlockEvent("BLOCK_JOB_COMPLETED", data);
@@ -358,6 +394,8 @@ public abstract class Job
     {
         Commit();
         Clean();
+        Manager.Logger.LogInformation("job {JobId} ({JobType}) on node {Node} completed: {Bytes} bytes in {ElapsedMs} ms",
+            Id, Type, NodeName, ProgressCurrent, (long)Stopwatch.GetElapsedTime(_startedAt).TotalMilliseconds);
         EmitBlockEvent("BLOCK_JOB_COMPLETED", BlockEventData());
         ConcludeLocked();
     }
@@ -422,6 +460,7 @@ public abstract class Job
             }
             UserPaused = true;
             _pauseCount++;
+            Manager.Logger.LogInformation("job {JobId} on node {Node}: paused by the user", Id, NodeName);
             Kick();
         }
     }
@@ -438,6 +477,7 @@ public abstract class Job
             UserPaused = false;
             _pauseCount--;
             IoStatus = "ok";
+            Manager.Logger.LogInformation("job {JobId} on node {Node}: resumed", Id, NodeName);
             Kick();
         }
     }
@@ -502,6 +542,7 @@ public abstract class Job
 
     private void AbortUnstartedLocked()
     {
+        Manager.Logger.LogDebug("job {JobId} ({JobType}) on node {Node} dropped before it started", Id, Type, NodeName);
         IsCancelled = true;
         Error = "Operation canceled";
         Transition(JobStatus.Aborting);

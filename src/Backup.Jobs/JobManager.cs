@@ -1,14 +1,19 @@
 using Backup.Block;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Logging.Abstractions;
 
 namespace Backup.Jobs;
 
 /// <summary>
 /// Every job that has not been dismissed, by id, in creation order; the lock that orders their state
-/// changes and events; and the rules for job ids.
+/// changes and events; and the rules for job ids. Jobs log their life (start, progress by quarters,
+/// completion, failure, cancel) through its logger, with the job id and node as properties.
 /// </summary>
-public sealed class JobManager(Func<IEventSink> events)
+public sealed class JobManager(Func<IEventSink> events, ILogger<JobManager>? logger = null)
 {
     private readonly List<Job> _jobs = [];
+
+    internal ILogger Logger { get; } = (ILogger?)logger ?? NullLogger.Instance;
 
     internal Lock Sync { get; } = new();
 

@@ -4,7 +4,7 @@ using BenchmarkDotNet.Attributes;
 namespace Backup.Benchmarks;
 
 /// <summary>
-/// The targets of issue 4 on a 16 TiB node at 64 KiB granularity (2^28 chunks): next dirty from any
+/// The dirty-bitmap targets (docs/performance.md) on a 16 TiB node at 64 KiB granularity (2^28 chunks): next dirty from any
 /// offset with one chunk set &lt; 10 µs; set or clear 1 GiB &lt; 50 µs; mark a random 4 KiB write
 /// &lt; 100 ns; summary levels at most 1/63 of the flat array (reported by <see cref="GlobalSetup"/>).
 /// </summary>

@@ -5,7 +5,7 @@ using BenchmarkDotNet.Attributes;
 namespace Backup.Benchmarks;
 
 /// <summary>
-/// The targets of issue 3, in process (no NBD): a qcow2 node against a raw node on files in the same
+/// The qcow2 targets, in process (no NBD): a qcow2 node against a raw node on files in the same
 /// directory (same file system, buffered I/O, so mostly the page cache). Sequential 1 MiB writes into a
 /// fresh image and reads back, 8 requests in flight, within 1.3× of raw; random 4 KiB reads on a 16 GiB
 /// allocated image (<c>preallocation=falloc</c>), 32 in flight, L2 cache warm, within 1.5× of raw.

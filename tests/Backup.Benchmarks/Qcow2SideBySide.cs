@@ -5,7 +5,7 @@ using Backup.Block;
 namespace Backup.Benchmarks;
 
 /// <summary>
-/// The issue-3 workloads of <see cref="Qcow2Benchmarks"/> as alternating rounds with medians, for a
+/// The qcow2 target workloads of <see cref="Qcow2Benchmarks"/> as alternating rounds with medians, for a
 /// shared, noisy machine where BenchmarkDotNet's short job gives error bars as large as the means:
 /// per round, raw then qcow2, each on a fresh image (sequential) or the same warm 16 GiB image
 /// (random). Reports wall time and the process's CPU time (user + system) per workload; CPU time is

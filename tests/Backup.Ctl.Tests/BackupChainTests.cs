@@ -5,7 +5,7 @@ using Backup.IntegrationTests.Support;
 namespace Backup.Ctl.Tests;
 
 /// <summary>
-/// The scenario with backupctl alone: a full, two incrementals and a differential of two drives while a
+/// What a new user does with backupctl alone: a full, two incrementals and a differential of two drives while a
 /// guest writes through NBD; list, verify, and restore each backup, compared with qemu-img against snapshots
 /// taken at each backup's instant.
 /// </summary>

@@ -225,7 +225,7 @@ public sealed class BlockdevCreateTests : IAsyncLifetime
     [Fact]
     public async Task Metadata_image_over_an_existing_raw_disk_keeps_its_data_as_qsd_does()
     {
-        // Issue 8's use: a raw disk gets a qcow2 metadata image (for persistent bitmaps) without a copy.
+        // What data-file-raw is for: a raw disk gets a qcow2 metadata image (for persistent bitmaps) without a copy.
         var disk = PathOf("disk.raw");
         var meta = PathOf("disk.qcow2");
         await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", disk, "8M");

@@ -398,7 +398,7 @@ public sealed class FactRequiringDriverAttribute : FactAttribute
             {
                 if (!File.ReadAllText(schema).Contains($"\"{driver}\"", StringComparison.Ordinal))
                 {
-                    Skip = $"backupd has no '{driver}' driver yet (issue 14, fixtures)";
+                    Skip = $"backupd has no '{driver}' driver yet (one of QEMU's test fixture drivers)";
                 }
                 return;
             }

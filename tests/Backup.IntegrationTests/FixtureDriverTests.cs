@@ -91,7 +91,7 @@ public sealed class FixtureDriverTests : IDisposable
 
         /// <summary>
         /// block-export-del right after the client left. backupd may still count the connection for a
-        /// moment ("still in use", a known difference of issue 14 handled elsewhere); this fixture test is
+        /// moment ("still in use", a known difference of the fixture drivers, handled elsewhere); this fixture test is
         /// not about that, so it polls with a deadline.
         /// </summary>
         public async Task DeleteExportAsync(string id)

@@ -154,7 +154,7 @@ public sealed class TransactionTests : IAsyncLifetime
     }
 
     /// <summary>
-    /// The test: NBD clients write to all three drives while three incremental transactions
+    /// The acceptance test of multi-drive transactions: NBD clients write to all three drives while three incremental transactions
     /// run. Each client is one writer whose writes form a sequence (each acknowledged before the next is
     /// sent), so the backups of one instant must hold exactly a prefix of every writer's sequence, the
     /// same prefix on every drive: each chain equals a copy of its drive rebuilt from those prefixes.

@@ -10,7 +10,7 @@ namespace Backup.Daemon.CommandLine;
 
 /// <summary>
 /// Reads qemu-storage-daemon's command line (the subset backupd implements) plus backupd's friendlier
-/// forms (--qmp, --config, --log-file, --log-level). Everything is checked here, before anything is
+/// forms (--qmp, --config, --log-file, --log-level, --log-format). Everything is checked here, before anything is
 /// opened: a bad option is one line and exit status 1.
 /// </summary>
 public sealed class CommandLineParser(SchemaModel schema)
@@ -30,7 +30,7 @@ public sealed class CommandLineParser(SchemaModel schema)
 
     private static readonly HashSet<string> ValueOptions = new(StringComparer.Ordinal)
     {
-        "--chardev", "--monitor", "--pidfile", "--qmp", "--config", "--log-file", "--log-level", "-T", "--trace",
+        "--chardev", "--monitor", "--pidfile", "--qmp", "--config", "--log-file", "--log-level", "--log-format", "-T", "--trace",
     };
 
     private static readonly HashSet<string> FlagOptions = new(StringComparer.Ordinal)
@@ -120,6 +120,9 @@ public sealed class CommandLineParser(SchemaModel schema)
                 return;
             case "--log-level":
                 state.LogLevel = ParseLogLevel(value!);
+                return;
+            case "--log-format":
+                state.LogFormat = ParseLogFormat(value!);
                 return;
             case "-T" or "--trace":
                 // QEMU trace points have no meaning here; the closest is verbose logging.
@@ -260,6 +263,13 @@ public sealed class CommandLineParser(SchemaModel schema)
         _ => throw new CommandLineException($"--log-level {value}: expected one of trace, debug, info, warning, error"),
     };
 
+    private static LogFormat ParseLogFormat(string value) => value.ToLowerInvariant() switch
+    {
+        "text" => LogFormat.Text,
+        "json" => LogFormat.Json,
+        _ => throw new CommandLineException($"--log-format {value}: expected text or json"),
+    };
+
     /// <summary>
     /// --config FILE: a JSON object with the same settings as the command line. Keys are option names
     /// without dashes; repeatable options take a list; command options accept JSON objects or strings.
@@ -314,6 +324,7 @@ public sealed class CommandLineParser(SchemaModel schema)
         public string? PidFile;
         public string? LogFile;
         public LogLevel? LogLevel;
+        public LogFormat LogFormat;
         public readonly List<StartupCommand> Commands = [];
         public readonly Dictionary<string, ChardevSpec> Chardevs = new(StringComparer.Ordinal);
         public readonly HashSet<string> UsedChardevs = new(StringComparer.Ordinal);
@@ -329,6 +340,7 @@ public sealed class CommandLineParser(SchemaModel schema)
             Daemonize = Daemonize,
             LogFile = LogFile,
             LogLevel = LogLevel,
+            LogFormat = LogFormat,
             ShowHelp = Help,
             ShowVersion = Version,
         };

@@ -39,11 +39,19 @@ public sealed record DaemonOptions
     public string? LogFile { get; init; }
     /// <summary>Null: the default (warnings, or information in the demo run).</summary>
     public LogLevel? LogLevel { get; init; }
+    public LogFormat LogFormat { get; init; }
     public bool ShowHelp { get; init; }
     public bool ShowVersion { get; init; }
 
     /// <summary>No options at all: run on the embedded default (a demo disk under a local state folder).</summary>
     public bool DemoMode { get; init; }
+}
+
+/// <summary>How log events are written: lines for people, or compact JSON (CLEF) for log shippers.</summary>
+public enum LogFormat
+{
+    Text,
+    Json,
 }
 
 /// <summary>A bad command line: one line naming the option and the problem; the daemon exits 1.</summary>

@@ -9,6 +9,7 @@ using Backup.Nbd.Commands;
 using Backup.Nbd.Server;
 using Backup.Qmp;
 using Backup.Qmp.Commands;
+using Backup.Qmp.Logging;
 using Backup.Qmp.Server;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
@@ -61,6 +62,7 @@ public sealed class BackupDaemon(
             }
             foreach (var c in commands)
             {
+                logger.LogDebug("start-up: {Option} → {Command} {Arguments}", c.Option, c.Command, CommandLog.Arguments(c.Command, c.Arguments));
                 try
                 {
                     if (c.Option == "--nbd-server")

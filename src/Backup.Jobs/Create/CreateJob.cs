@@ -21,6 +21,8 @@ public sealed class CreateJob : Job
 
     public override bool IsBlockJob => false;
 
+    protected override string Details => _creation.Description;
+
     protected override async Task RunAsync(CancellationToken cancellationToken)
     {
         SetProgressTotal(1);

@@ -8,18 +8,25 @@ namespace Backup.Jobs.Create;
 public abstract class ImageCreation
 {
     public abstract Task RunAsync(CancellationToken cancellationToken);
+
+    /// <summary>What is made, for the log.</summary>
+    public abstract string Description { get; }
 }
 
 /// <summary>A creation that can only fail (an option this daemon does not implement); the error is the job's.</summary>
 public sealed class FailedCreation(string message) : ImageCreation
 {
     public override Task RunAsync(CancellationToken cancellationToken) => Task.FromException(new BlockException(message));
+
+    public override string Description => "nothing: " + message;
 }
 
 /// <summary>Driver <c>file</c>: a host file of the given size.</summary>
 public sealed class FileCreation(FileCreateOptions options) : ImageCreation
 {
     public override Task RunAsync(CancellationToken cancellationToken) => FileCreator.CreateAsync(options, cancellationToken);
+
+    public override string Description => $"file {options.Filename}, {options.Size} bytes";
 }
 
 /// <summary>
@@ -29,6 +36,8 @@ public sealed class FileCreation(FileCreateOptions options) : ImageCreation
 /// </summary>
 public sealed class Qcow2Creation(BlockGraph graph, BlockRef file, BlockRef? dataFile, Qcow2CreateOptions options) : ImageCreation
 {
+    public override string Description => $"qcow2 image on {(file.NodeName is { } n ? "node " + n : "a new node")}";
+
     public override async Task RunAsync(CancellationToken cancellationToken)
     {
         var opened = new List<BlockNode>();

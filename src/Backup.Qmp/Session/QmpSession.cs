@@ -6,6 +6,7 @@ using System.Threading.Channels;
 using Backup.Block;
 using Backup.Qmp.Commands;
 using Backup.Qmp.Framing;
+using Backup.Qmp.Logging;
 using Microsoft.Extensions.Logging;
 
 namespace Backup.Qmp.Session;
@@ -251,6 +252,7 @@ public sealed class QmpSession : IDisposable
         var hasId = obj.ContainsKey("id");
         JsonObject reply;
         CommandContext? context = null;
+        string? command = null;
         try
         {
             var (name, arguments, oob) = ParseRequest(obj);
@@ -266,12 +268,19 @@ public sealed class QmpSession : IDisposable
             {
                 throw new BlockException("Capabilities negotiation is already complete, command ignored", ErrorClass.CommandNotFound);
             }
+            command = name;
+            if (_logger.IsEnabled(LogLevel.Debug))
+            {
+                _logger.LogDebug("QMP {Client}: {Command} {Arguments} (id {Id})", Peer, name, CommandLog.Arguments(name, arguments),
+                    hasId ? id?.ToJsonString() ?? "null" : "none");
+            }
             context = new CommandContext(this);
             var result = await _dispatcher.ExecuteAsync(name, arguments, context, ct).ConfigureAwait(false);
             reply = new JsonObject { ["return"] = result };
         }
         catch (BlockException e)
         {
+            _logger.LogDebug("QMP {Client}: {Command} failed: {ErrorClass}: {Error}", Peer, command ?? "(invalid request)", e.ErrorClass, e.Message);
             reply = Error(e.ErrorClass, e.Message, null);
         }
         catch (Exception e) when (e is not OperationCanceledException)

@@ -1,20 +1,21 @@
 #!/usr/bin/env python3
-"""End-to-end backup benchmarks of issue 6, backupd side by side with qemu-storage-daemon.
+"""End-to-end backup benchmarks (docs/performance.md, "Backup jobs"), backupd side by side with qemu-storage-daemon.
 
   python3 backup-bench.py full        [--runs N]   full backup of a 2 GiB qcow2, half of it data
   python3 backup-bench.py incscale    [--runs N]   incremental of the same 20.5 MiB, 2 GiB vs 16 GiB disk
   python3 backup-bench.py guestwrite  [--runs N]   guest writes through NBD, idle vs during full backups
   python3 backup-bench.py sparse      [--runs N]   full backups of thin 1 GiB / 16 GiB / 1 TiB qcow2 disks with
                                                    16 MiB of data, and of a full 1 GiB disk vs a warm `cp`
-                                                   (issue 16); ends with the table of medians and ratios
+                                                   (thin disks); ends with the table of medians and ratios
 
 Each round starts every daemon fresh, in alternation (backupd, then QSD), and prints one line per daemon
-and round (`ROUND LABEL key=seconds ...`, readable by medians.py), then medians. Every timed step is
-wrapped in `flock /work/perf.lock` by the caller (run the whole script under it): the machine is shared.
+and round (`ROUND LABEL key=seconds ...`, readable by medians.py), then medians. On a shared machine, run
+the whole script under `flock` on a lock file that everyone who measures there uses.
 
 Both daemons get the same QSD command line: --blockdev file + qcow2 (node 'src'), a QMP monitor on a
 Unix socket, an NBD server and a writable export of 'src'. Backup times run from the blockdev-backup
-command to BLOCK_JOB_COMPLETED, as shared/conformance/perf.py measures them. Standard library only.
+command to BLOCK_JOB_COMPLETED, as the project's conformance harness (perf.py, kept outside this
+repository) measures them. Standard library only.
 """
 
 import argparse

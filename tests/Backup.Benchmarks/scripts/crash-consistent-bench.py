@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Issue 8: what a crash-consistent bitmap costs guest writes through NBD.
+"""Crash-consistent bitmaps: what a crash-consistent bitmap costs guest writes through NBD.
 
 A 16 GiB qcow2 (preallocation=metadata, so no cluster allocation is measured) is exported by backupd.
 qemu-img bench writes 4 KiB blocks 1 MiB apart through NBD, queue depth 16: every write lands in a

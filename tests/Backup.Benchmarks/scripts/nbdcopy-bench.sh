@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 5: nbdcopy of a 4 GiB raw export to null: and of a 4 GiB file into a writable export.
+# NBD export throughput targets: nbdcopy of a 4 GiB raw export to null: and of a 4 GiB file into a writable export.
 # Usage: nbdcopy-bench.sh RUNS. Needs $BENCH_DIR/src4g.raw and $BENCH_DIR/exp4g.raw (4 GiB of random data:
 # head -c 4G /dev/urandom > src4g.raw; cp src4g.raw exp4g.raw). Alternates backupd and QSD (and a second
 # backupd build if OLD_DLL is set); prints wall seconds / daemon CPU ticks / daemon context switches.

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 3 through NBD, three daemons alternating per round: backupd built from an older commit
+# The qcow2 targets through NBD, three daemons alternating per round: backupd built from an older commit
 # ($BEFORE_DLL), this tree's Release backupd, and qemu-storage-daemon. Same workloads as qcow2-bench.sh.
 # Usage: BEFORE_DLL=/path/to/old/backupd.dll qcow2-ab-bench.sh ROUNDS on|off SEQONLY(0|1)
 # (the old tree: git archive COMMIT | tar -x -C DIR; dotnet build -c Release DIR/src/Backup.Daemon).

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 3: sequential 1 MiB writes/reads on fresh 1 GiB images, random 4 KiB reads on 16 GiB allocated images,
+# qcow2 targets: sequential 1 MiB writes/reads on fresh 1 GiB images, random 4 KiB reads on 16 GiB allocated images,
 # raw vs qcow2, backupd vs QSD, through the daemon's NBD export with qemu-img bench.
 # Usage: [DIRECT=on] [SEQONLY=1] qcow2-bench.sh ROUNDS. Needs $BENCH_DIR/r16.raw and $BENCH_DIR/q16.qcow2:
 #   qemu-img create -f raw -o preallocation=falloc r16.raw 16G; qemu-img create -f qcow2 -o preallocation=falloc q16.qcow2 16G

@@ -148,7 +148,7 @@ public static class Qcow2Creator
 
         if (options.DataFile is { } dataFile && dataFile.Length < options.Size)
         {
-            // Grown, never shrunk: an existing raw disk keeps its data (a metadata image for it, issue 8).
+            // Grown, never shrunk: an existing raw disk keeps its data (a metadata image for its persistent bitmaps).
             await dataFile.TruncateAsync(options.Size, cancellationToken).ConfigureAwait(false);
         }
         if (options.Preallocation == Qcow2Preallocation.Metadata)

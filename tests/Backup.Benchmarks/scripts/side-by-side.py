@@ -1,16 +1,26 @@
 #!/usr/bin/env python3
-"""End-to-end backup benchmarks of issue 6, backupd side by side with qemu-storage-daemon.
+"""backupd side by side with qemu-storage-daemon: every figure of docs/performance.md's summary in one run.
 
-  python3 backup-bench.py full        [--runs N]   full backup of a 2 GiB qcow2, half of it data
-  python3 backup-bench.py incscale    [--runs N]   incremental of the same 20.5 MiB, 2 GiB vs 16 GiB disk
-  python3 backup-bench.py guestwrite  [--runs N]   guest writes through NBD, idle vs during full backups
-  python3 backup-bench.py sparse      [--runs N]   full backups of thin 1 GiB / 16 GiB / 1 TiB qcow2 disks with
-                                                   16 MiB of data, and of a full 1 GiB disk vs a warm `cp`
-                                                   (issue 16); ends with the table of medians and ratios
+  python3 side-by-side.py [all] [--runs N] [--write-doc]   every scenario below, the table, and with
+                                                           --write-doc the table into docs/performance.md
+  python3 side-by-side.py SCENARIO [--runs N]               one scenario:
+    startup     exec to a QMP-ready socket (greeting read, qmp_capabilities answered), wall and CPU time
+    sparse      full backups of thin 1 GiB / 16 GiB / 1 TiB qcow2 disks with 16 MiB of data (first and
+                second backup of a fresh daemon), and of a full 1 GiB disk vs a warm `cp`
+    incscale    incremental of the same 20.5 MiB, 2 GiB vs 16 GiB disk
+    guestwrite  guest writes through NBD (qemu-img bench, 64 KiB sequential and 4 KiB random), idle vs
+                during full backups
+    speed       a 32 MiB incremental at speed=8 MiB/s while the guest rewrites 24 MiB of it
+    full        full backup of a 2 GiB qcow2, half of it data, and `cp` of it
 
-Each round starts every daemon fresh, in alternation (backupd, then QSD), and prints one line per daemon
-and round (`ROUND LABEL key=seconds ...`, readable by medians.py), then medians. Every timed step is
-wrapped in `flock /work/perf.lock` by the caller (run the whole script under it): the machine is shared.
+Each round runs every scenario for both daemons, each started fresh, in alternation (backupd first in odd
+rounds, QSD first in even ones); it prints one line per daemon and round (`ROUND LABEL key=value ...`,
+readable by medians.py), then medians and the table (medians; ratio = backupd / QSD). Run the whole script
+under `flock` on the lock file that everyone who measures on the machine shares.
+
+backupd is the published native binary (`dotnet publish src/Backup.Daemon -c Release -r linux-x64`) when
+it is there, else the Release build's backupd.dll; --backupd PATH picks another (a .dll runs under
+`dotnet`). --startup-variant NAME=PATH (repeatable) adds builds to the start-up scenario only.
 
 Both daemons get the same QSD command line: --blockdev file + qcow2 (node 'src'), a QMP monitor on a
 Unix socket, an NBD server and a writable export of 'src'. Backup times run from the blockdev-backup
@@ -26,12 +36,16 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "../../.."))
-DLL = os.environ.get("BACKUPD_DLL", os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/backupd.dll"))
+PUBLISHED = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/linux-x64/publish/backupd")
+RELEASE_DLL = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/backupd.dll")
+BACKUPD = os.environ.get("BACKUPD", PUBLISHED if os.path.exists(PUBLISHED) else RELEASE_DLL)
+MiB = 1 << 20
 CL = 64 * 1024
 PAIRS = int(os.environ.get("GUESTWRITE_PAIRS", "3"))
 GiB = 1 << 30
@@ -81,12 +95,20 @@ class Qmp:
             self.events.append(self._read())
 
 
+def command_for(path):
+    return ["dotnet", path] if path.endswith(".dll") else [path]
+
+
+def daemon_argv(kind):
+    return command_for(BACKUPD) if kind == "backupd" else ["qemu-storage-daemon"]
+
+
 class Daemon:
     def __init__(self, kind, wd, image):
         self.kind, self.wd = kind, wd
         self.qmp_path = os.path.join(wd, "qmp.sock")
         self.nbd_path = os.path.join(wd, "nbd.sock")
-        argv = (["dotnet", DLL] if kind == "backupd" else ["qemu-storage-daemon"]) + [
+        argv = daemon_argv(kind) + [
             "--blockdev", f"driver=file,node-name=src-file,filename={image}",
             "--blockdev", "driver=qcow2,node-name=src,file=src-file",
             "--chardev", f"socket,id=mon0,path={self.qmp_path},server=on,wait=off",
@@ -120,8 +142,9 @@ class Daemon:
             self.proc.wait()
         self.log.close()
 
-    def backup(self, sync, size, backing=None, bitmap=None, flush_first=True):
-        """Runs one blockdev-backup into a new qcow2 and returns (seconds, target path)."""
+    def backup(self, sync, size, backing=None, bitmap=None, flush_first=True, speed=None, started=None):
+        """Runs one blockdev-backup into a new qcow2 and returns (seconds, target path). `started` is called
+        once the job is running (timed: it is part of what the job competes with)."""
         self.targets += 1
         node = f"t{self.targets}"
         path = os.path.join(self.wd, f"{node}.qcow2")
@@ -133,10 +156,14 @@ class Daemon:
         args = {"job-id": node, "device": "src", "target": node, "sync": sync}
         if bitmap:
             args["bitmap"] = bitmap
+        if speed:
+            args["speed"] = speed
         if flush_first:
             os.sync()
         t0 = time.perf_counter()
         self.qmp.cmd("blockdev-backup", **args)
+        if started:
+            started()
         done = self.qmp.wait_event("BLOCK_JOB_COMPLETED", node)
         dt = time.perf_counter() - t0
         if "error" in done["data"]:
@@ -352,61 +379,238 @@ def bench_sparse(a, kind, wd):
     return out
 
 
-def print_table(results):
-    """The markdown table of docs/performance.md: medians per daemon and the ratio backupd / QSD."""
-    rows = [("thin 1 GiB, 16 MiB data: first backup", "thin1g_cold"),
-            ("thin 1 GiB: second backup", "thin1g_warm"),
-            ("thin 16 GiB, 16 MiB data: first backup", "thin16g_cold"),
-            ("thin 16 GiB: second backup", "thin16g_warm"),
-            ("thin 1 TiB, 16 MiB data: first backup", "thin1t_cold"),
-            ("thin 1 TiB: second backup", "thin1t_warm"),
-            ("full 1 GiB of data", "data1g"),
-            ("`cp` of that image (warm)", "cp1g")]
+def startup_once(argv):
+    """Seconds from exec to a QMP monitor that has sent its greeting and answered qmp_capabilities, and the
+    daemon's CPU time (user + system, all threads, from /proc) at that moment."""
+    wd = tempfile.mkdtemp(prefix="startup-")
+    path = os.path.join(wd, "qmp.sock")
+    argv = argv + ["--chardev", f"socket,id=m0,path={path},server=on,wait=off", "--monitor", "chardev=m0"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        deadline = t0 + 30
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if proc.poll() is not None or time.perf_counter() > deadline:
+                    raise RuntimeError(f"{argv[0]} did not start")
+                time.sleep(0.0005)
+        f = sock.makefile("rb")
+        f.readline()
+        sock.sendall(b'{"execute": "qmp_capabilities"}\n')
+        reply = json.loads(f.readline())
+        wall = time.perf_counter() - t0
+        if "return" not in reply:
+            raise RuntimeError(f"qmp_capabilities: {reply}")
+        with open(f"/proc/{proc.pid}/stat") as st:
+            fields = st.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        sock.sendall(b'{"execute": "quit"}\n')
+        f.readline()
+        proc.wait(20)
+        return wall, cpu
+    finally:
+        sock.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(wd, ignore_errors=True)
+
+
+STARTS_PER_ROUND = 4
+
+
+def bench_startup(a, kind, wd):
+    """STARTS_PER_ROUND starts per round and daemon (rounds alternate the daemons, so with 3 rounds each
+    median is of 12); extra backupd builds (--startup-variant) are timed in the backupd turn."""
+    out = {}
+    variants = [("", daemon_argv(kind))]
+    if kind == "backupd":
+        variants += [(f"_{name}", command_for(path)) for name, path in a.startup_variant]
+    walls = {suffix: [] for suffix, _ in variants}
+    cpus = {suffix: [] for suffix, _ in variants}
+    for _ in range(STARTS_PER_ROUND):
+        for suffix, argv in variants:
+            w, c = startup_once(argv)
+            walls[suffix].append(w)
+            cpus[suffix].append(c)
+    for suffix, _ in variants:
+        out[f"start{suffix}"] = statistics.median(walls[suffix])
+        out[f"startcpu{suffix}"] = statistics.median(cpus[suffix])
+    return out
+
+
+def bench_speed(a, kind, wd):
+    """A 32 MiB incremental at speed=8 MiB/s (4 s if every copied byte counts) while the guest rewrites
+    the last 24 MiB of the dirty range through NBD, starting as the job starts: copy-before-write copies
+    that data, and QSD counts those copies against the limit."""
+    size = GiB
+    image = os.path.join(wd, "src.qcow2")
+    run(["qemu-img", "create", "-q", "-f", "qcow2", image, str(size)])
+    base = 256 * MiB
+    d = Daemon(kind, wd, image)
+    try:
+        d.qmp.cmd("block-dirty-bitmap-add", node="src", name="b0")
+        _, full = d.backup("full", size)
+        run(["qemu-io", "-f", "raw", d.uri, "-c", f"write -P 0x33 {base} 32M"])
+        writer = {}
+
+        def rewrite():
+            argv = ["qemu-io", "-f", "raw", d.uri]
+            for i in range(8, 32):
+                argv += ["-c", f"write -P 0x44 {base + i * MiB} 1M"]
+            writer["p"] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        dt, inc = d.backup("incremental", size, backing=full, bitmap="b0", speed=8 * MiB, started=rewrite)
+        if writer["p"].wait(60) != 0:
+            raise RuntimeError("guest rewrite failed: " + writer["p"].stderr.read().decode())
+    finally:
+        d.stop()
+    if a.check:
+        # The backup is the point in time of the job's start: the 0x33 data, not the rewrite.
+        run(["qemu-io", "-f", "qcow2", "-r", inc, "-c", f"read -P 0x33 {base} 32M"])
+    return {"speed_inc": dt}
+
+
+# (label, key, unit, decimals) of the summary table; None as key: a heading row.
+TABLE = [
+    ("start to QMP-ready (exec → greeting + qmp_capabilities)", "start", "s", 3),
+    ("CPU time used by then", "startcpu", "s", 3),
+    ("full backup, thin 1 GiB disk, 16 MiB data: first backup of the daemon", "thin1g_cold", "s", 3),
+    ("same, second backup", "thin1g_warm", "s", 3),
+    ("full backup, thin 16 GiB disk, 16 MiB data: first", "thin16g_cold", "s", 3),
+    ("same, second", "thin16g_warm", "s", 3),
+    ("full backup, thin 1 TiB disk, 16 MiB data: first", "thin1t_cold", "s", 3),
+    ("same, second", "thin1t_warm", "s", 3),
+    ("full backup, 1 GiB disk full of data", "data1g", "s", 3),
+    ("warm `cp` of that image (both daemons' rounds pooled)", "cp1g", "s", 3),
+    ("full backup ÷ warm `cp`", "data1g_per_cp", "×", 2),
+    ("full backup, 2 GiB disk half data", "full", "s", 3),
+    ("incremental, 1 % of 2 GiB scattered, 2 GiB disk", "inc2g", "s", 3),
+    ("same dirty data, 16 GiB disk", "inc16g", "s", 3),
+    ("guest 64 KiB sequential writes, idle", "idle_seq", "MiB/s", 0),
+    ("same during full backups", "busy_seq", "MiB/s", 0),
+    ("fraction of idle kept (median of per-pass ratios)", "ratio_seq", "", 2),
+    ("guest 4 KiB random writes, idle", "idle_rand", "MiB/s", 1),
+    ("same during full backups", "busy_rand", "MiB/s", 1),
+    ("fraction of idle kept (median of per-pass ratios)", "ratio_rand", "", 2),
+    ("32 MiB incremental at 8 MiB/s, 24 MiB guest rewrites (4 s if all counts)", "speed_inc", "s", 2),
+]
+
+
+def medians(results):
     med = {k: {key: statistics.median(r[key] for r in v) for key in v[0]} for k, v in results.items() if v}
-    print("| case | backupd s | QSD s | backupd / QSD |")
-    print("| --- | --- | --- | --- |")
-    for name, key in rows:
-        b, q = med.get("backupd", {}).get(key), med.get("qsd", {}).get(key)
-        cell = lambda x: f"{x:.3f}" if x is not None else "–"  # noqa: E731
-        ratio = f"{b / q:.2f}" if b is not None and q else "–"
-        print(f"| {name} | {cell(b)} | {cell(q)} | {ratio} |")
     # cp does not depend on the daemon: the median over every round of both is the fairer baseline.
-    cps = [r["cp1g"] for v in results.values() for r in v]
-    for kind, m in med.items():
-        if "data1g" in m and cps:
-            print(f"\n{kind}: full backup of 1 GiB of data / warm cp (median of all rounds, "
-                  f"{statistics.median(cps):.3f} s) = {m['data1g'] / statistics.median(cps):.2f}")
+    cps = [r["cp1g"] for v in results.values() for r in v if "cp1g" in r]
+    for m in med.values():
+        if cps:
+            m["cp1g"] = statistics.median(cps)
+            if "data1g" in m:
+                m["data1g_per_cp"] = m["data1g"] / m["cp1g"]
+    return med
 
 
-SCENARIOS = {"full": bench_full, "incscale": bench_incscale, "guestwrite": bench_guestwrite, "sparse": bench_sparse}
+def table(results, variants=()):
+    """The markdown table: medians per daemon and the ratio backupd / QSD (for times lower is better,
+    for throughput and fractions higher is better)."""
+    med = medians(results)
+    b, q = med.get("backupd", {}), med.get("qsd", {})
+    lines = ["| figure | backupd | QSD | backupd / QSD |", "| --- | ---: | ---: | ---: |"]
+    rows = list(TABLE)
+    for name, _ in variants:
+        rows.insert(2, (f"start to QMP-ready, backupd {name}", f"start_{name}", "s", 3))
+    for label, key, unit, dec in rows:
+        if key not in b and key not in q:
+            continue
+
+        def cell(m):
+            return f"{m[key]:.{dec}f}{' ' + unit if unit else ''}" if key in m else "–"
+
+        ratio = f"{b[key] / q[key]:.2f}" if key in b and key in q and q[key] else "–"
+        if key.startswith("start_"):
+            ratio = f"{b[key] / q['start']:.2f}" if "start" in q else "–"
+        lines.append(f"| {label} | {cell(b)} | {cell(q)} | {ratio} |")
+    return "\n".join(lines)
+
+
+BEGIN = "<!-- side-by-side: begin (written by tests/Backup.Benchmarks/scripts/side-by-side.py) -->"
+END = "<!-- side-by-side: end -->"
+
+
+def write_doc(text):
+    """Replaces the block between the markers in docs/performance.md (appends a section the first time)."""
+    path = os.path.join(ROOT, "docs/performance.md")
+    with open(path) as f:
+        doc = f.read()
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in doc and END in doc:
+        doc = doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n## Side by side with qemu-storage-daemon\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(doc)
+
+
+def qsd_version():
+    return run(["qemu-storage-daemon", "--version"]).stdout.split("\n")[0].replace("qemu-storage-daemon version ", "")
+
+
+SCENARIOS = {"startup": bench_startup, "sparse": bench_sparse, "incscale": bench_incscale,
+             "guestwrite": bench_guestwrite, "speed": bench_speed, "full": bench_full}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("scenario", choices=SCENARIOS)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("scenario", nargs="?", default="all", choices=["all", *SCENARIOS])
+    ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/var/tmp/backup-bench"))
     ap.add_argument("--only", choices=["backupd", "qsd"], help="run one daemon only")
-    ap.add_argument("--check", action="store_true", help="qemu-img compare every backup (untimed)")
+    ap.add_argument("--check", action="store_true", help="verify every backup's content (untimed)")
+    ap.add_argument("--backupd", help="backupd executable or .dll (default: the published binary, else Release)")
+    ap.add_argument("--startup-variant", action="append", default=[], type=lambda v: tuple(v.split("=", 1)),
+                    metavar="NAME=PATH", help="another backupd build to time in the start-up scenario")
+    ap.add_argument("--write-doc", action="store_true", help="write the table into docs/performance.md")
     a = ap.parse_args()
+    global BACKUPD  # noqa: PLW0603 - one daemon binary for the whole run
+    if a.backupd:
+        BACKUPD = os.path.abspath(a.backupd)
     os.makedirs(a.dir, exist_ok=True)
+    scenarios = list(SCENARIOS) if a.scenario == "all" else [a.scenario]
+    if a.scenario == "all":
+        scenarios.remove("full")  # the 2 GiB half-full disk: covered by the 1 GiB full disk and cp
     kinds = [a.only] if a.only else ["backupd", "qsd"]
     results = {k: [] for k in kinds}
+    load0, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for r in range(1, a.runs + 1):
+        merged = {k: {} for k in kinds}
+        for name in scenarios:
+            for kind in (kinds if r % 2 else kinds[::-1]):
+                wd = os.path.join(a.dir, f"run-{kind}")
+                shutil.rmtree(wd, ignore_errors=True)
+                os.makedirs(wd)
+                res = SCENARIOS[name](a, kind, wd)
+                shutil.rmtree(wd, ignore_errors=True)
+                merged[kind].update(res)
+                print(f"{r} {kind} " + " ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
         for kind in kinds:
-            wd = os.path.join(a.dir, f"run-{kind}")
-            shutil.rmtree(wd, ignore_errors=True)
-            os.makedirs(wd)
-            res = SCENARIOS[a.scenario](a, kind, wd)
-            shutil.rmtree(wd, ignore_errors=True)
-            results[kind].append(res)
-            print(f"{r} {kind} " + " ".join(f"{k}={v:.4g}" for k, v in res.items()), flush=True)
+            results[kind].append(merged[kind])
+    load1 = os.getloadavg()
     for kind in kinds:
         keys = results[kind][0].keys()
         print(f"median {kind}: " + " ".join(
             f"{k}={statistics.median(x[k] for x in results[kind]):.4g}" for k in keys), flush=True)
-    if a.scenario == "sparse":
-        print_table(results)
+    binary = os.path.relpath(BACKUPD, ROOT) if BACKUPD.startswith(ROOT) else BACKUPD
+    text = (f"Run of {started}: {a.runs} rounds, medians; backupd `{binary}`, qemu-storage-daemon {qsd_version()}; "
+            f"{os.cpu_count()} CPUs, load average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end. "
+            "The machine is shared with other sessions' builds and tests, so single figures move by ±30 % "
+            "and more between runs; the ratios of one run are the figures to compare.\n\n"
+            + table(results, a.startup_variant))
+    print(text)
+    if a.write_doc:
+        write_doc(text)
     return 0
 
 

@@ -520,8 +520,9 @@ def table(results, variants=()):
     b, q = med.get("backupd", {}), med.get("qsd", {})
     lines = ["| figure | backupd | QSD | backupd / QSD |", "| --- | ---: | ---: | ---: |"]
     rows = list(TABLE)
-    for name, _ in variants:
-        rows.insert(2, (f"start to QMP-ready, backupd {name}", f"start_{name}", "s", 3))
+    for i, (name, _) in enumerate(variants):
+        rows[2 + 2 * i:2 + 2 * i] = [(f"start to QMP-ready, backupd {name}", f"start_{name}", "s", 3),
+                                     (f"CPU time used by then, backupd {name}", f"startcpu_{name}", "s", 3)]
     for label, key, unit, dec in rows:
         if key not in b and key not in q:
             continue
@@ -530,8 +531,11 @@ def table(results, variants=()):
             return f"{m[key]:.{dec}f}{' ' + unit if unit else ''}" if key in m else "–"
 
         ratio = f"{b[key] / q[key]:.2f}" if key in b and key in q and q[key] else "–"
-        if key.startswith("start_"):
-            ratio = f"{b[key] / q['start']:.2f}" if "start" in q else "–"
+        if key.startswith(("start_", "startcpu_")):
+            base = key.split("_", 1)[0]  # a variant's ratio is to QSD's start-up
+            ratio = f"{b[key] / q[base]:.2f}" if key in b and base in q else "–"
+        if key == "cp1g":
+            ratio = "–"
         lines.append(f"| {label} | {cell(b)} | {cell(q)} | {ratio} |")
     return "\n".join(lines)
 
@@ -573,6 +577,8 @@ def main():
     ap.add_argument("--startup-variant", action="append", default=[], type=lambda v: tuple(v.split("=", 1)),
                     metavar="NAME=PATH", help="another backupd build to time in the start-up scenario")
     ap.add_argument("--write-doc", action="store_true", help="write the table into docs/performance.md")
+    ap.add_argument("--table-from", metavar="FILE", help="make the table from the round lines of an earlier "
+                    "run's output (for a run cut short) instead of measuring")
     a = ap.parse_args()
     global BACKUPD  # noqa: PLW0603 - one daemon binary for the whole run
     if a.backupd:
@@ -584,7 +590,21 @@ def main():
     kinds = [a.only] if a.only else ["backupd", "qsd"]
     results = {k: [] for k in kinds}
     load0, started = os.getloadavg(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    for r in range(1, a.runs + 1):
+    if a.table_from:
+        rounds = {}
+        with open(a.table_from) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and parts[0].isdigit() and parts[1] in results:
+                    rounds.setdefault((int(parts[0]), parts[1]), {}).update(
+                        (k, float(v)) for k, v in (kv.split("=", 1) for kv in parts[2:]))
+        # Only rounds that have every figure, so each median is over the same rounds.
+        for kind in kinds:
+            mine = [v for (_, k), v in sorted(rounds.items()) if k == kind]
+            keys = set().union(*mine) if mine else set()
+            results[kind] = [v for v in mine if set(v) == keys]
+        a.runs = min(len(v) for v in results.values())
+    for r in range(1, 0 if a.table_from else a.runs + 1):
         merged = {k: {} for k in kinds}
         for name in scenarios:
             for kind in (kinds if r % 2 else kinds[::-1]):
@@ -603,8 +623,10 @@ def main():
         print(f"median {kind}: " + " ".join(
             f"{k}={statistics.median(x[k] for x in results[kind]):.4g}" for k in keys), flush=True)
     binary = os.path.relpath(BACKUPD, ROOT) if BACKUPD.startswith(ROOT) else BACKUPD
-    text = (f"Run of {started}: {a.runs} rounds, medians; backupd `{binary}`, qemu-storage-daemon {qsd_version()}; "
-            f"{os.cpu_count()} CPUs, load average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end. "
+    when = (f"Rounds read from {os.path.basename(a.table_from)}" if a.table_from else
+            f"Run of {started}, load average {load0[0]:.1f} at the start and {load1[0]:.1f} at the end")
+    text = (f"{when}: {a.runs} rounds, medians; backupd `{binary}`, qemu-storage-daemon {qsd_version()}; "
+            f"{os.cpu_count()} CPUs. "
             "The machine is shared with other sessions' builds and tests, so single figures move by ±30 % "
             "and more between runs; the ratios of one run are the figures to compare.\n\n"
             + table(results, a.startup_variant))

@@ -28,11 +28,14 @@ internal static class Program
 {
     private static async Task<int> Main(string[] args)
     {
+        StartupTrace.Mark("main");
         TerminationSignals.StopIgnoringThem();
         DaemonOptions options;
         try
         {
-            options = new CommandLineParser(SchemaLoader.Default).Parse(args);
+            var schema = SchemaLoader.Default;
+            StartupTrace.Mark("schema");
+            options = new CommandLineParser(schema).Parse(args);
         }
         catch (CommandLineException e)
         {
@@ -62,7 +65,9 @@ internal static class Program
             Daemonizer.DetachFromTerminal();
         }
 
+        StartupTrace.Mark("command-line");
         using var host = BuildHost(options);
+        StartupTrace.Mark("host-built");
         // Signals count from the first moment, not only once the host runs: start-up binds sockets that a
         // client (and its SIGTERM) may reach before then.
         var lifetime = host.Services.GetRequiredService<IHostApplicationLifetime>();
@@ -71,8 +76,12 @@ internal static class Program
         using var sighup = PosixSignalRegistration.Create(PosixSignal.SIGHUP, c => { c.Cancel = true; lifetime.StopApplication(); });
         try
         {
-            await host.Services.GetRequiredService<BackupDaemon>().InitializeAsync(CancellationToken.None).ConfigureAwait(false);
+            var daemon = host.Services.GetRequiredService<BackupDaemon>();
+            StartupTrace.Mark("services-resolved");
+            await daemon.InitializeAsync(CancellationToken.None).ConfigureAwait(false);
+            StartupTrace.Mark("initialized");
             await host.StartAsync().ConfigureAwait(false);
+            StartupTrace.Mark("host-started");
         }
         catch (StartupException e)
         {

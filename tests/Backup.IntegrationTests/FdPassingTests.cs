@@ -26,7 +26,7 @@ public partial class FdPassingTests
     public async Task A_socket_passed_as_a_file_descriptor_serves_as_QSD_serves_it(string scenario, string expected)
     {
         var psi = new ProcessStartInfo("python3") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "Scripts", "fd_parent.py"), scenario, "dotnet", DaemonProcess.DaemonDll })
+        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "Scripts", "fd_parent.py"), scenario }.Concat(DaemonProcess.DaemonCommand))
         {
             psi.ArgumentList.Add(a);
         }

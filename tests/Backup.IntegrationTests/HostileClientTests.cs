@@ -95,7 +95,7 @@ public class HostileClientTests
     {
         var dir = DaemonProcess.NewDirectory();
         var nbd = Path.Combine(dir, "nbd.sock");
-        await using var d = await DaemonProcess.StartAsync(["--nofile=256:256", "dotnet", DaemonProcess.DaemonDll, "--nbd-server", $"addr.type=unix,addr.path={nbd}"],
+        await using var d = await DaemonProcess.StartAsync(["--nofile=256:256", .. DaemonProcess.DaemonCommand, "--nbd-server", $"addr.type=unix,addr.path={nbd}"],
             dir, executable: "prlimit");
         await using var old = await d.ConnectAsync();
         d.HasExited.Should().BeFalse(d.Stderr);

@@ -264,13 +264,16 @@ public sealed class ImageLockingTests : IDisposable
         var dir = DaemonProcess.NewDirectory();
         try
         {
-            var psi = new ProcessStartInfo(daemon == Qsd ? Qsd : "dotnet")
+            var psi = new ProcessStartInfo(daemon == Qsd ? Qsd : DaemonProcess.DaemonCommand[0])
             {
                 UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true, WorkingDirectory = dir,
             };
             if (daemon != Qsd)
             {
-                psi.ArgumentList.Add(DaemonProcess.DaemonDll);
+                foreach (var a in DaemonProcess.DaemonCommand.Skip(1))
+                {
+                    psi.ArgumentList.Add(a);
+                }
             }
             foreach (var a in args)
             {

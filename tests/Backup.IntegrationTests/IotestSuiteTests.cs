@@ -41,7 +41,7 @@ public class IotestSuiteTests
         psi.ArgumentList.Add("150");
         psi.ArgumentList.Add(script);
         // The daemon under test is the one built with these tests, whatever IOTEST_DAEMON the caller has.
-        psi.Environment["IOTEST_DAEMON"] = $"dotnet '{DaemonProcess.DaemonDll}'";
+        psi.Environment["IOTEST_DAEMON"] = string.Join(' ', DaemonProcess.DaemonCommand.Select(a => $"'{a}'"));
         using var p = Process.Start(psi)!;
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();

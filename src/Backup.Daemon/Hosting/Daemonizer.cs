@@ -21,7 +21,8 @@ public static partial class Daemonizer
         };
         if (Path.GetFileNameWithoutExtension(Environment.ProcessPath!) == "dotnet")
         {
-            psi.ArgumentList.Add(typeof(Daemonizer).Assembly.Location);
+            // The entry assembly beside the host (Assembly.Location is empty in a single-file or native build).
+            psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, typeof(Daemonizer).Assembly.GetName().Name + ".dll"));
         }
         foreach (var a in args.Where(a => a != "--daemonize"))
         {

@@ -68,7 +68,7 @@ public sealed class BitmapCommands(BlockGraph graph) : ICommandModule, Transacti
             {
                 o["crash-consistent"] = true;
             }
-            list.Add(o);
+            list.Add((JsonNode)o);
         }
         return list;
     }

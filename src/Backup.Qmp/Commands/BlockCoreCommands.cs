@@ -33,7 +33,7 @@ public sealed class BlockCoreCommands(BlockGraph graph) : ICommandModule
             {
                 if (DescribeIfOpen(n, flat) is { } info)
                 {
-                    list.Add(info);
+                    list.Add((JsonNode)info);
                 }
             }
             return ValueTask.FromResult<JsonNode?>(list);

@@ -40,19 +40,19 @@ public static class SchemaIntrospection
                 ["arg-type"] = Ref(c.Arguments),
                 ["ret-type"] = c.Returns is null ? Ref(new StructType(EmptyObject, null)) : Ref(c.Returns),
             };
-            entries.Add(e);
+            entries.Add((JsonNode)e);
         }
         foreach (var ev in schema.Events.Values.OrderBy(e => e.Name, StringComparer.Ordinal))
         {
-            entries.Add(new JsonObject { ["name"] = ev.Name, ["meta-type"] = "event", ["arg-type"] = Ref(ev.Data) });
+            entries.Add((JsonNode)new JsonObject { ["name"] = ev.Name, ["meta-type"] = "event", ["arg-type"] = Ref(ev.Data) });
         }
         for (var i = 0; i < types.Count; i++)
         {
-            entries.Add(Describe(types[i], Ref));
+            entries.Add((JsonNode)Describe(types[i], Ref));
         }
         if (seen.Contains(EmptyObject))
         {
-            entries.Add(new JsonObject { ["name"] = EmptyObject, ["meta-type"] = "object", ["members"] = new JsonArray() });
+            entries.Add((JsonNode)new JsonObject { ["name"] = EmptyObject, ["meta-type"] = "object", ["members"] = new JsonArray() });
         }
         return entries;
     }
@@ -118,7 +118,7 @@ public static class SchemaIntrospection
             {
                 mo["default"] = null;
             }
-            list.Add(mo);
+            list.Add((JsonNode)mo);
         }
         return new JsonObject { ["name"] = t.Name, ["meta-type"] = "object", ["members"] = list };
     }

@@ -55,6 +55,16 @@ public sealed class DaemonProcess : IAsyncDisposable
     /// <summary>Path of backupd.dll, built beside the tests through the project reference.</summary>
     public static string DaemonDll => Path.Combine(AppContext.BaseDirectory, "backupd.dll");
 
+    /// <summary>
+    /// Set to a backupd executable (the published native binary, say) to run the suite against it instead
+    /// of <c>dotnet backupd.dll</c>.
+    /// </summary>
+    public const string ExecutableVariable = "BACKUPD_TEST_EXECUTABLE";
+
+    /// <summary>How to run backupd: the program and the arguments before the daemon's own.</summary>
+    public static IReadOnlyList<string> DaemonCommand =>
+        Environment.GetEnvironmentVariable(ExecutableVariable) is { Length: > 0 } exe ? [exe] : ["dotnet", DaemonDll];
+
     public static string NewDirectory()
     {
         // Unix socket paths are limited to 107 bytes: keep the directory short.
@@ -115,7 +125,7 @@ public sealed class DaemonProcess : IAsyncDisposable
 
     private static Process Start(List<string> args, string dir, IDictionary<string, string>? env, string? executable = null)
     {
-        var psi = new ProcessStartInfo(executable ?? "dotnet")
+        var psi = new ProcessStartInfo(executable ?? DaemonCommand[0])
         {
             WorkingDirectory = dir,
             UseShellExecute = false,
@@ -125,7 +135,10 @@ public sealed class DaemonProcess : IAsyncDisposable
         };
         if (executable is null)
         {
-            psi.ArgumentList.Add(DaemonDll);
+            foreach (var a in DaemonCommand.Skip(1))
+            {
+                psi.ArgumentList.Add(a);
+            }
         }
         foreach (var a in args)
         {

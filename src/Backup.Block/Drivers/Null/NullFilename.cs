@@ -1,5 +1,5 @@
 using System.Text;
-using System.Text.Json;
+using System.Text.Json.Nodes;
 
 namespace Backup.Block.Drivers.Null;
 
@@ -27,7 +27,7 @@ internal static class NullFilename
         {
             Append(sb, ref first, "read-zeroes", rz ? "true" : "false");
         }
-        Append(sb, ref first, "driver", JsonSerializer.Serialize(driver));
+        Append(sb, ref first, "driver", JsonValue.Create(driver).ToJsonString());
         if (size is { } s)
         {
             Append(sb, ref first, "size", s.ToString(System.Globalization.CultureInfo.InvariantCulture));

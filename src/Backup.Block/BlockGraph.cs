@@ -510,6 +510,11 @@ public sealed class BlockGraph
 
     private void CheckRemovable(BlockNode node)
     {
+        // QEMU's bdrv_has_blk, checked first: an export (a BlockBackend on the node) holds it.
+        if (_uses.TryGetValue(node, out var uses) && uses.Exists(u => u is ExternalUse))
+        {
+            throw new BlockException($"Node {node.NodeName} is in use");
+        }
         // A job's block (a backup target, also a child of the job's filter) is an op blocker in QEMU,
         // checked before the node's other users.
         if (node.IsJobTarget && node.BusyReason is { } jobReason)

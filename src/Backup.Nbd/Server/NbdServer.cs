@@ -608,7 +608,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
             throw;
         }
 
-        // blockdev-del of the node now fails (QSD: "Node 'x' is busy: block device is in use by export 'id'" here).
+        // blockdev-del of the node now fails ("Node x is in use", as QSD: the graph sees the export's use).
         var user = new ExportUse(node.AddUser($"block device is in use by export '{options.Id}'"), permissions);
         var export = new NbdExport(options, name, node, contexts, user, _maxConnections);
         lock (_lock)

@@ -67,8 +67,8 @@ public sealed class ScaleOutTests : IAsyncLifetime
     }
 
     /// <summary>The host opens the repository's export as an nbd node.</summary>
-    private Task AddRemoteTargetAsync(string image) =>
-        OkAsync(_hostQmp!, "blockdev-add", new JsonObject
+    private async Task AddRemoteTargetAsync(string image) =>
+        await OkAsync(_hostQmp!, "blockdev-add", new JsonObject
         {
             ["driver"] = "nbd",
             ["node-name"] = "repo-" + image,

@@ -174,7 +174,7 @@ public sealed class NbdClientTests : IAsyncLifetime
         await ExecuteOkAsync("blockdev-backup", new { device = "drive0", target = "t", sync = "full", job_id = "j" }.ToJobArgs());
         (await JobEventsAsync("j")).Should().ContainInOrder("created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null");
         await ExecuteOkAsync("blockdev-del", new { node_name = "t" }.ToJobArgs());
-        await Tool.RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "raw", PathOf("disk.qcow2"), PathOf("t.raw"));
+        await Tool.RunAsync("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", PathOf("disk.qcow2"), PathOf("t.raw"));
     }
 
     [Fact]
@@ -197,9 +197,9 @@ public sealed class NbdClientTests : IAsyncLifetime
             ["target"] = $"nbd+unix:///exp?socket={PathOf("q.sock")}",
         });
         (await JobEventsAsync("j2")).Should().Contain("BLOCK_JOB_COMPLETED").And.EndWith("null");
-        await Tool.RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "raw", PathOf("disk.qcow2"), PathOf("t.raw"));
+        await Tool.RunAsync("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", PathOf("disk.qcow2"), PathOf("t.raw"));
         // The qcow2 image written onto the export reads back through qemu-nbd as the disk.
-        await Tool.RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", PathOf("disk.qcow2"), PathOf("q.raw"));
+        await Tool.RunAsync("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", PathOf("disk.qcow2"), PathOf("q.raw"));
     }
 
     [Fact]
@@ -329,7 +329,7 @@ public sealed class NbdClientTests : IAsyncLifetime
         events.Should().ContainInOrder("created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null");
         _daemon!.Stderr.Should().Contain("reconnected");
         await ExecuteOkAsync("blockdev-del", new JsonObject { ["node-name"] = "t" });
-        await Tool.RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "raw", PathOf("disk.qcow2"), PathOf("t.raw"));
+        await Tool.RunAsync("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", PathOf("disk.qcow2"), PathOf("t.raw"));
     }
 
     /// <summary>Without reconnect-delay, requests fail at once when the server is gone: the job fails with EIO.</summary>
@@ -344,6 +344,61 @@ public sealed class NbdClientTests : IAsyncLifetime
         Stop(server);
         await ExecuteOkAsync("blockdev-backup", new JsonObject { ["device"] = "drive0", ["target"] = "t", ["job-id"] = "j", ["sync"] = "full" });
         (await JobEventsAsync("j")).Should().Contain("BLOCK_JOB_COMPLETED Input/output error");
+    }
+
+    /// <summary>
+    /// qemu-storage-daemon exports a disk; backupd opens it as an nbd node (read through base:allocation,
+    /// x-dirty-bitmap reads QSD's bitmap as QEMU maps it) and exports it again: qemu-img reads the same data
+    /// through backupd's export.
+    /// </summary>
+    [Fact]
+    public async Task A_qsd_export_is_readable_through_backupd_and_exportable_again()
+    {
+        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "qcow2", PathOf("remote.qcow2"), "64M");
+        await Tool.RunAsync("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 1M 2M", PathOf("remote.qcow2"));
+        var qsdDir = DaemonProcess.NewDirectory();
+        var remote = new JsonObject
+        {
+            ["driver"] = "qcow2", ["node-name"] = "disk",
+            ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = PathOf("remote.qcow2") },
+        };
+        await using var qsd = await DaemonProcess.StartAsync(
+        [
+            "--blockdev", remote.ToJsonString(),
+            "--nbd-server", $"addr.type=unix,addr.path={Path.Combine(qsdDir, "nbd.sock")}",
+        ], qsdDir, executable: "qemu-storage-daemon");
+        await using var qsdQmp = await qsd.ConnectAsync();
+        (await qsdQmp.ExecuteAsync("block-dirty-bitmap-add", new JsonObject { ["node"] = "disk", ["name"] = "b0" })).Should().ContainKey("return");
+        (await qsdQmp.ExecuteAsync("block-export-add", new JsonObject
+        {
+            ["type"] = "nbd", ["id"] = "e", ["node-name"] = "disk", ["name"] = "disk", ["bitmaps"] = new JsonArray("b0"),
+        })).Should().ContainKey("return");
+        // Dirty 1 MiB at 8 MiB through another QSD export path: a write of the guest.
+        (await qsdQmp.ExecuteAsync("block-export-add", new JsonObject
+        {
+            ["type"] = "nbd", ["id"] = "w", ["node-name"] = "disk", ["name"] = "w", ["writable"] = true,
+        })).Should().ContainKey("return");
+        await Tool.RunAsync("qemu-io", "-f", "raw", "-c", "write -P 0x55 8M 1M", $"nbd+unix:///w?socket={Path.Combine(qsdDir, "nbd.sock")}");
+
+        await StartDaemonAsync();
+        var node = NbdNode("remote", Path.Combine(qsdDir, "nbd.sock"), "disk");
+        node["read-only"] = true;
+        await ExecuteOkAsync("blockdev-add", node);
+        await ExecuteOkAsync("block-export-add", new JsonObject { ["type"] = "nbd", ["id"] = "re", ["node-name"] = "remote", ["name"] = "re" });
+        await Tool.RunAsync("qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", $"nbd+unix:///re?socket={PathOf("nbd.sock")}", PathOf("remote.qcow2"));
+
+        // x-dirty-bitmap: the dirty MiB reads as a hole, the rest as data, as qemu-img map shows through QEMU's driver.
+        var bitmap = NbdNode("dirty", Path.Combine(qsdDir, "nbd.sock"), "disk");
+        bitmap["read-only"] = true;
+        bitmap["x-dirty-bitmap"] = "qemu:dirty-bitmap:b0";
+        await ExecuteOkAsync("blockdev-add", bitmap);
+        await ExecuteOkAsync("block-export-add", new JsonObject { ["type"] = "nbd", ["id"] = "d", ["node-name"] = "dirty", ["name"] = "d" });
+        var map = JsonNode.Parse(await Tool.RunAsync("qemu-img", "map", "--output=json", "-f", "raw",
+            $"nbd+unix:///d?socket={PathOf("nbd.sock")}"))!.AsArray();
+        map.Where(e => !e!["data"]!.GetValue<bool>()).Select(e => (e!["start"]!.GetValue<long>(), e["length"]!.GetValue<long>()))
+            .Should().Equal((8L * MiB, 1L * MiB));
+        await DaemonProcess.ShutdownAsync(_qmp, _daemon);
+        (_qmp, _daemon) = (null, null);
     }
 
     /// <summary>A backupd reads another daemon's export (as a backup source) and a qcow2 image sits on an nbd node.</summary>
@@ -367,7 +422,7 @@ public sealed class NbdClientTests : IAsyncLifetime
         });
         await ExecuteOkAsync("blockdev-backup", new JsonObject { ["device"] = "remote", ["target"] = "t", ["job-id"] = "j", ["sync"] = "full" });
         (await JobEventsAsync("j")).Should().Contain("BLOCK_JOB_COMPLETED").And.EndWith("null");
-        await Tool.RunAsync("qemu-img", "compare", "-f", "qcow2", "-F", "raw", PathOf("disk.qcow2"), PathOf("t.raw"));
+        await Tool.RunAsync("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", PathOf("disk.qcow2"), PathOf("t.raw"));
     }
 }
 

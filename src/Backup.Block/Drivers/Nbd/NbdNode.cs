@@ -530,6 +530,14 @@ public sealed class NbdNode : BlockNode
         return new BlockStatus(n, allocated ? flags | BlockStatusFlags.Allocated : flags, allocated ? 1 : 0);
     }
 
+    /// <summary>
+    /// An export has the size its server gives it. As QEMU's nbd_co_truncate (callers here never ask for an
+    /// exact size): growing fails, a smaller size succeeds and changes nothing, so a format can be laid on an
+    /// export that is larger than it needs.
+    /// </summary>
+    protected override ValueTask TruncateCoreAsync(long length, CancellationToken cancellationToken) =>
+        length > Length ? throw new BlockException("Cannot grow NBD nodes") : ValueTask.CompletedTask;
+
     /// <summary>QSD reports only size, name and format for nbd nodes (no bdrv_get_info).</summary>
     public override ImageInfo GetImageInfo() => new()
     {

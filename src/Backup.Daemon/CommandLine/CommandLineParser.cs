@@ -31,6 +31,7 @@ public sealed class CommandLineParser(SchemaModel schema)
     private static readonly HashSet<string> ValueOptions = new(StringComparer.Ordinal)
     {
         "--chardev", "--monitor", "--pidfile", "--qmp", "--config", "--log-file", "--log-level", "-T", "--trace",
+        "--qmp-max-sessions",
     };
 
     private static readonly HashSet<string> FlagOptions = new(StringComparer.Ordinal)
@@ -136,6 +137,9 @@ public sealed class CommandLineParser(SchemaModel schema)
                 return;
             case "--config":
                 ApplyConfig(state, value!);
+                return;
+            case "--qmp-max-sessions":
+                state.QmpMaxSessions = ParseSessionLimit(value!);
                 return;
         }
         if (CommandOptions.TryGetValue(option, out var c) && schema.Commands.TryGetValue(c.Command, out var def))
@@ -264,6 +268,12 @@ public sealed class CommandLineParser(SchemaModel schema)
     /// --config FILE: a JSON object with the same settings as the command line. Keys are option names
     /// without dashes; repeatable options take a list; command options accept JSON objects or strings.
     /// </summary>
+    private static int ParseSessionLimit(string value) =>
+        int.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out var n) && n is >= 1 and <= QmpServer.MaxSessionsLimit
+            ? n
+            : throw new CommandLineException(
+                $"--qmp-max-sessions {value}: expected a number of sessions from 1 to {QmpServer.MaxSessionsLimit}");
+
     private void ApplyConfig(ParseState state, string path)
     {
         JsonObject config;
@@ -296,6 +306,9 @@ public sealed class CommandLineParser(SchemaModel schema)
                     case JsonValue jv when jv.GetValueKind() == JsonValueKind.String:
                         Apply(state, option, jv.GetValue<string>());
                         break;
+                    case JsonValue jv when jv.GetValueKind() == JsonValueKind.Number:
+                        Apply(state, option, jv.ToJsonString());
+                        break;
                     case JsonObject obj:
                         Apply(state, option, obj.ToJsonString());
                         break;
@@ -314,6 +327,7 @@ public sealed class CommandLineParser(SchemaModel schema)
         public string? PidFile;
         public string? LogFile;
         public LogLevel? LogLevel;
+        public int QmpMaxSessions = QmpServer.DefaultMaxSessionsPerListener;
         public readonly List<StartupCommand> Commands = [];
         public readonly Dictionary<string, ChardevSpec> Chardevs = new(StringComparer.Ordinal);
         public readonly HashSet<string> UsedChardevs = new(StringComparer.Ordinal);
@@ -329,6 +343,7 @@ public sealed class CommandLineParser(SchemaModel schema)
             Daemonize = Daemonize,
             LogFile = LogFile,
             LogLevel = LogLevel,
+            QmpMaxSessions = QmpMaxSessions,
             ShowHelp = Help,
             ShowVersion = Version,
         };

@@ -90,6 +90,9 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
     /// </summary>
     public const int DefaultMaxSessionsPerListener = 128;
 
+    /// <summary>The highest session limit accepted (each session holds a descriptor and buffers).</summary>
+    public const int MaxSessionsLimit = 65536;
+
     public QmpServer(QmpDispatcher dispatcher, VersionInfo version, ILogger logger)
     {
         _dispatcher = dispatcher;

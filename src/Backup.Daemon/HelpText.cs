@@ -76,6 +76,8 @@ internal static class HelpText
                                  serve QMP on TCP (port 0: any free port)
           --config <file>        read options from a JSON object, e.g.
                                  {"blockdev": [{...}], "qmp": ["unix:/run/b.sock"]}
+          --qmp-max-sessions <n> QMP clients each monitor serves at once (default 128);
+                                 more wait to be accepted until one leaves
           --log-file <path>      also write the log to <path>
           --log-level <level>    trace, debug, info, warning (default) or error
           --log-format text|json lines for people (default), or compact JSON

@@ -142,7 +142,10 @@ internal static class Program
         services.AddSingleton<ITransactionActionModule, BackupTransactionActions>();
         services.AddSingleton<QmpDispatcher>();
         services.AddSingleton(sp => new QmpServer(sp.GetRequiredService<QmpDispatcher>(), sp.GetRequiredService<VersionInfo>(),
-            sp.GetRequiredService<ILoggerFactory>().CreateLogger("Backup.Qmp")));
+            sp.GetRequiredService<ILoggerFactory>().CreateLogger("Backup.Qmp"))
+        {
+            MaxSessionsPerListener = options.QmpMaxSessions,
+        });
         services.AddSingleton<IEventSink>(sp => sp.GetRequiredService<QmpServer>());
         services.AddSingleton<DemoSetup>();
         services.AddSingleton<ReadinessReporter>();

@@ -33,6 +33,28 @@ public class CommandLineTests
         Parse().DemoMode.Should().BeTrue();
     }
 
+    [Fact]
+    public void The_QMP_session_limit_defaults_to_128_and_is_set_by_option_or_config()
+    {
+        Parse("--qmp", "unix:/tmp/q.sock").QmpMaxSessions.Should().Be(128);
+        Parse("--qmp-max-sessions", "4").QmpMaxSessions.Should().Be(4);
+        var config = Path.GetTempFileName();
+        try
+        {
+            File.WriteAllText(config, """{"qmp": "unix:/tmp/q.sock", "qmp-max-sessions": 1000}""");
+            Parse("--config", config).QmpMaxSessions.Should().Be(1000);
+        }
+        finally
+        {
+            File.Delete(config);
+        }
+        foreach (var bad in new[] { "0", "-1", "x", "65537", "1.5" })
+        {
+            FluentActions.Invoking(() => Parse("--qmp-max-sessions", bad)).Should().Throw<CommandLineException>()
+                .WithMessage($"--qmp-max-sessions {bad}: expected a number of sessions from 1 to 65536");
+        }
+    }
+
     [Theory]
     [InlineData("unrecognized option '--bogus'", "--bogus")]
     [InlineData("--blockdev driver=file,node-name=f: Parameter 'filename' is missing", "--blockdev", "driver=file,node-name=f")]

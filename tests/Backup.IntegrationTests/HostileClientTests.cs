@@ -91,6 +91,31 @@ public class HostileClientTests
     }
 
     [Fact]
+    public async Task The_QMP_session_limit_is_configurable_and_clients_beyond_it_wait_for_a_free_session()
+    {
+        var dir = DaemonProcess.NewDirectory();
+        await using var d = await DaemonProcess.StartAsync(["--qmp-max-sessions", "2"], dir);
+        var first = await d.ConnectAsync();
+        await using var second = await d.ConnectAsync();
+
+        // The third is connected (it waits in the listen backlog) but gets no greeting while two are served.
+        using var third = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        await third.ConnectAsync(new UnixDomainSocketEndPoint(d.QmpSocket));
+        var buffer = new byte[4096];
+        using (var quiet = new CancellationTokenSource(TimeSpan.FromSeconds(1.5)))
+        {
+            await FluentActions.Awaiting(async () => await third.ReceiveAsync(buffer, SocketFlags.None, quiet.Token))
+                .Should().ThrowAsync<OperationCanceledException>();
+        }
+        (await second.ExecuteAsync("query-version")).Should().ContainKey("return", "the sessions within the limit are served");
+
+        await first.DisposeAsync();
+        using var greeted = new CancellationTokenSource(TimeSpan.FromSeconds(20));
+        var n = await third.ReceiveAsync(buffer, SocketFlags.None, greeted.Token);
+        System.Text.Encoding.UTF8.GetString(buffer, 0, n).Should().StartWith("{\"QMP\"", "a session ended, so the waiting client is served");
+    }
+
+    [Fact]
     public async Task A_flood_to_the_open_file_limit_leaves_the_daemon_serving()
     {
         var dir = DaemonProcess.NewDirectory();

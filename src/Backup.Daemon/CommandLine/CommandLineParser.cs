@@ -31,6 +31,7 @@ public sealed class CommandLineParser(SchemaModel schema)
     private static readonly HashSet<string> ValueOptions = new(StringComparer.Ordinal)
     {
         "--chardev", "--monitor", "--pidfile", "--qmp", "--config", "--log-file", "--log-level", "--log-format", "-T", "--trace",
+        "--qmp-max-sessions",
     };
 
     private static readonly HashSet<string> FlagOptions = new(StringComparer.Ordinal)
@@ -139,6 +140,9 @@ public sealed class CommandLineParser(SchemaModel schema)
                 return;
             case "--config":
                 ApplyConfig(state, value!);
+                return;
+            case "--qmp-max-sessions":
+                state.QmpMaxSessions = ParseSessionLimit(value!);
                 return;
         }
         if (CommandOptions.TryGetValue(option, out var c) && schema.Commands.TryGetValue(c.Command, out var def))
@@ -274,6 +278,12 @@ public sealed class CommandLineParser(SchemaModel schema)
     /// --config FILE: a JSON object with the same settings as the command line. Keys are option names
     /// without dashes; repeatable options take a list; command options accept JSON objects or strings.
     /// </summary>
+    private static int ParseSessionLimit(string value) =>
+        int.TryParse(value, NumberStyles.None, CultureInfo.InvariantCulture, out var n) && n is >= 1 and <= QmpServer.MaxSessionsLimit
+            ? n
+            : throw new CommandLineException(
+                $"--qmp-max-sessions {value}: expected a number of sessions from 1 to {QmpServer.MaxSessionsLimit}");
+
     private void ApplyConfig(ParseState state, string path)
     {
         JsonObject config;
@@ -306,6 +316,9 @@ public sealed class CommandLineParser(SchemaModel schema)
                     case JsonValue jv when jv.GetValueKind() == JsonValueKind.String:
                         Apply(state, option, jv.GetValue<string>());
                         break;
+                    case JsonValue jv when jv.GetValueKind() == JsonValueKind.Number:
+                        Apply(state, option, jv.ToJsonString());
+                        break;
                     case JsonObject obj:
                         Apply(state, option, obj.ToJsonString());
                         break;
@@ -325,6 +338,7 @@ public sealed class CommandLineParser(SchemaModel schema)
         public string? LogFile;
         public LogLevel? LogLevel;
         public LogFormat LogFormat;
+        public int QmpMaxSessions = QmpServer.DefaultMaxSessionsPerListener;
         public readonly List<StartupCommand> Commands = [];
         public readonly Dictionary<string, ChardevSpec> Chardevs = new(StringComparer.Ordinal);
         public readonly HashSet<string> UsedChardevs = new(StringComparer.Ordinal);
@@ -341,6 +355,7 @@ public sealed class CommandLineParser(SchemaModel schema)
             LogFile = LogFile,
             LogLevel = LogLevel,
             LogFormat = LogFormat,
+            QmpMaxSessions = QmpMaxSessions,
             ShowHelp = Help,
             ShowVersion = Version,
         };

@@ -40,6 +40,9 @@ public sealed record DaemonOptions
     /// <summary>Null: the default (warnings, or information in the demo run).</summary>
     public LogLevel? LogLevel { get; init; }
     public LogFormat LogFormat { get; init; }
+    /// <summary>QMP sessions each monitor serves at once (--qmp-max-sessions); more clients wait to be accepted.</summary>
+    public int QmpMaxSessions { get; init; } = QmpServer.DefaultMaxSessionsPerListener;
+
     public bool ShowHelp { get; init; }
     public bool ShowVersion { get; init; }
 

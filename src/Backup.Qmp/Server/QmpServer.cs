@@ -94,6 +94,9 @@ public sealed class QmpServer : IEventSink, IAsyncDisposable
     /// <summary>How long a TLS client may take to shake hands before its connection is dropped (it holds a session slot meanwhile).</summary>
     public static readonly TimeSpan TlsHandshakeTimeout = TimeSpan.FromSeconds(10);
 
+    /// <summary>The highest session limit accepted (each session holds a descriptor and buffers).</summary>
+    public const int MaxSessionsLimit = 65536;
+
     public QmpServer(QmpDispatcher dispatcher, VersionInfo version, ILogger logger)
     {
         _dispatcher = dispatcher;

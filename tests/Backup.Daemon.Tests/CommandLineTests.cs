@@ -60,6 +60,9 @@ public class CommandLineTests
     [InlineData("--blockdev driver=file,node-name=f: Parameter 'filename' is missing", "--blockdev", "driver=file,node-name=f")]
     [InlineData("--blockdev driver=file,node-name=f,filename=d,read-only=maybe: Parameter 'read-only' expects 'on' or 'off'", "--blockdev", "driver=file,node-name=f,filename=d,read-only=maybe")]
     [InlineData("--chardev socket,id=m: chardev: socket: no host given", "--chardev", "socket,id=m,server=on,wait=off")]
+    [InlineData("--chardev socket,id=m,port=4445,server=on,wait=off: chardev: socket: no host given", "--chardev", "socket,id=m,port=4445,server=on,wait=off")]
+    [InlineData("--chardev socket,id=m,path=/tmp/x,server=on,tls-creds=t: 'tls_creds' option is incompatible with 'unix' address type", "--chardev", "socket,id=m,path=/tmp/x,server=on,tls-creds=t")]
+    [InlineData("--chardev socket,id=m,host=::1,port=1,server=on,tls-authz=a: 'tls_authz' option requires 'tls_creds' option", "--chardev", "socket,id=m,host=::1,port=1,server=on,tls-authz=a")]
     [InlineData("--monitor m9: chardev \"m9\" not found", "--monitor", "m9")]
     [InlineData("option '--pidfile' requires an argument", "--pidfile")]
     [InlineData("option requires an argument -- 'T'", "-T")]
@@ -105,7 +108,7 @@ public class CommandLineTests
             "--chardev", "socket,id=b,fd=4", "--monitor", "chardev=b,mode=control,pretty=off",
             "--chardev", "socket,id=c,path=/tmp/c.sock", "--monitor", "c",
             "--chardev", "socket,id=d,host=localhost,port=4444", "--monitor", "d",
-            "--chardev", "socket,id=e,port=4445,server=on,wait=off", "--monitor", "e",
+            "--chardev", "socket,id=e,host=0.0.0.0,port=4445,server=on,wait=off,tls-creds=t,tls-authz=a", "--monitor", "e",
             "--chardev", "socket,id=f,path=/tmp/f.sock,server=on", "--monitor", "f");
         o.QmpEndpoints.Should().Equal(
             new QmpEndpoint.InheritedListener(3), new QmpEndpoint.InheritedConnection(4),
@@ -114,6 +117,8 @@ public class CommandLineTests
         // QEMU's default for a server is wait=on; a connection never waits.
         o.Monitors.Select(m => m.Wait).Should().Equal(false, false, false, false, false, true);
         o.Monitors[0].Origin.Should().Be("--chardev socket,id=a,fd=3,server=on,wait=off");
+        (o.Monitors[4].TlsCreds, o.Monitors[4].TlsAuthz).Should().Be(("t", "a"));
+        o.Monitors[0].TlsCreds.Should().BeNull();
         o.Warnings.Should().BeEmpty();
     }
 

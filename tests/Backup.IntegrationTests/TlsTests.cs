@@ -288,11 +288,13 @@ public sealed class TlsTests : IAsyncLifetime
 
     [Fact]
     [System.Runtime.Versioning.UnsupportedOSPlatform("windows")]
-    public async Task Backupd_creates_its_Unix_sockets_0600()
+    public async Task Backupd_creates_its_Unix_sockets_and_pid_file_0600()
     {
-        var d = await DaemonProcess.StartAsync(["--nbd-server", $"addr.type=unix,addr.path={Socket}"]);
+        var pidFile = Path.Combine(_images, "backupd.pid");
+        var d = await DaemonProcess.StartAsync(["--nbd-server", $"addr.type=unix,addr.path={Socket}", "--pidfile", pidFile]);
         await using var _ = d;
         await using var qmp = await d.ConnectAsync();
+        File.GetUnixFileMode(pidFile).Should().Be(UnixFileMode.UserRead | UnixFileMode.UserWrite);
         File.GetUnixFileMode(d.QmpSocket).Should().Be(UnixFileMode.UserRead | UnixFileMode.UserWrite);
         File.GetUnixFileMode(Socket).Should().Be(UnixFileMode.UserRead | UnixFileMode.UserWrite);
     }

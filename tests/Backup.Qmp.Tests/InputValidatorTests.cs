@@ -46,8 +46,9 @@ public class InputValidatorTests
     [InlineData("""{"node": "a", "inner": {"name": "x", "zz": 1}}""", "Parameter 'inner.zz' is unexpected")]
     [InlineData("""{"node": "a", "inner": []}""", "Invalid parameter type for 'inner', expected: object")]
     [InlineData("""{"node": "a", "list": {}}""", "Invalid parameter type for 'list', expected: array")]
-    [InlineData("""{"node": "a", "list": [5]}""", "Invalid parameter type for 'null', expected: object")]
-    [InlineData("""{"node": "a", "list": [{"name": 1}]}""", "Invalid parameter type for 'name', expected: string")]
+    [InlineData("""{"node": "a", "list": [5]}""", "Invalid parameter type for 'list[0]', expected: object")]
+    [InlineData("""{"node": "a", "list": [{"name": 1}]}""", "Invalid parameter type for 'list[0].name', expected: string")]
+    [InlineData("""{"node": "a", "list": [{}]}""", "Parameter 'list[0].name' is missing")]
     public void Rejects_bad_input_with_QEMUs_words(string json, string expected) =>
         ErrorOf(json).Should().Be(expected);
 

@@ -163,7 +163,17 @@ public sealed class BackupDaemon(
         try
         {
             var temp = path + ".tmp";
-            File.WriteAllText(temp, Environment.ProcessId.ToString(CultureInfo.InvariantCulture) + "\n");
+            File.Delete(temp);
+            // 0600 as QSD's: created with that mode, so it never exists with a wider one.
+            var create = new FileStreamOptions { Mode = FileMode.CreateNew, Access = FileAccess.Write };
+            if (!OperatingSystem.IsWindows())
+            {
+                create.UnixCreateMode = UnixFileMode.UserRead | UnixFileMode.UserWrite;
+            }
+            using (var writer = new StreamWriter(temp, create))
+            {
+                writer.Write(Environment.ProcessId.ToString(CultureInfo.InvariantCulture) + "\n");
+            }
             File.Move(temp, path, overwrite: true);
             _pidFileWritten = true;
         }

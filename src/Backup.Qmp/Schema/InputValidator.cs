@@ -41,10 +41,10 @@ public static class InputValidator
     }
 
     /// <summary>QEMU names a list element itself 'null' (its members get 'list[i].member').</summary>
-    private static string Name(string? path) => path is null || path.EndsWith(']') ? "null" : path;
+    private static string Name(string? path) => path ?? "null";
 
-    /// <summary>QEMU names the members of a list element by themselves ('type', not 'actions[0].type').</summary>
-    private static string Child(string? path, string member) => path is null || path.EndsWith(']') ? member : path + "." + member;
+    /// <summary>QEMU 7.2 names a member by its full path: 'actions[0].data.name', 'rules[0].policy'.</summary>
+    private static string Child(string? path, string member) => path is null ? member : path + "." + member;
 
     private static BlockException TypeError(string? path, string expected) =>
         new($"Invalid parameter type for '{Name(path)}', expected: {expected}");
@@ -174,7 +174,8 @@ public static class InputValidator
                 return Validate(input, t, path, form);
             }
         }
-        throw TypeError(path, type.Name);
+        // QEMU visits an alternate inside a list without a name: 'null', not 'bitmaps[0]'.
+        throw TypeError(path is not null && path.EndsWith(']') ? null : path, type.Name);
     }
 
     private static JsonNode? Builtin(JsonNode? input, BuiltinType type, string? path, InputForm form)

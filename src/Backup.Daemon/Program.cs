@@ -114,7 +114,11 @@ internal static class Program
         services.AddSingleton(options);
         services.AddSingleton(SchemaLoader.Default);
         services.AddSingleton(VersionInfo.Current);
-        services.AddSingleton(sp => new BlockGraph(BuiltinDrivers.All) { Logger = sp.GetRequiredService<ILogger<BlockGraph>>() });
+        services.AddSingleton(sp => new BlockGraph(BuiltinDrivers.All)
+        {
+            Logger = sp.GetRequiredService<ILogger<BlockGraph>>(),
+            Objects = sp.GetRequiredService<ObjectRegistry>(),
+        });
         services.AddSingleton<ObjectRegistry>();
         services.AddSingleton<IShutdownRequester, HostShutdownRequester>();
         services.AddSingleton<ICommandModule, ControlCommands>();

@@ -87,6 +87,41 @@ public sealed class TlsTests : IAsyncLifetime
     [Theory]
     [InlineData(Backupd)]
     [InlineData(Qsd)]
+    public async Task The_nbd_driver_reads_a_TLS_export_and_backs_it_up(string server)
+    {
+        var (d, image) = await StartTlsServerAsync(server);
+        await using var _ = d;
+        await Tool.RunAsync("qemu-io", "--object", ClientObject(_pki.ClientDir), "--image-opts", ImageOpts(), "-c", "write -P 0x3c 128k 64k");
+
+        var copy = Path.Combine(_images, "copy.raw");
+        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", copy, "1M");
+        await using var client = await DaemonProcess.StartAsync([
+            "--object", ClientObject(_pki.ClientDir),
+            "--blockdev", $"driver=nbd,node-name=remote,server.type=unix,server.path={Socket},export=d,tls-creds=tls0,tls-hostname=localhost",
+            "--blockdev", $"driver=file,node-name=copy,filename={copy}",
+        ]);
+        await using var qmp = await client.ConnectAsync();
+        (await qmp.ExecuteAsync("blockdev-backup", JsonNode.Parse("""{"job-id": "j", "device": "remote", "target": "copy", "sync": "full"}""")!.AsObject()))
+            .Should().ContainKey("return");
+        JsonObject completed;
+        do
+        {
+            completed = await qmp.NextEventAsync(TimeSpan.FromSeconds(60));
+        }
+        while (completed["event"]!.GetValue<string>() != "BLOCK_JOB_COMPLETED");
+        completed["data"]!.AsObject().Should().NotContainKey("error");
+        (await File.ReadAllBytesAsync(copy)).Should().Equal(await File.ReadAllBytesAsync(image));
+
+        // Credentials for the wrong end are refused with QEMU's words, and nothing is opened.
+        var wrong = await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse($$"""
+            {"driver": "nbd", "node-name": "bad", "server": {"type": "unix", "path": "{{Socket}}"}, "export": "d", "tls-creds": "nope"}
+            """)!.AsObject());
+        wrong["error"]!["desc"]!.GetValue<string>().Should().Be("No TLS credentials with id 'nope'");
+    }
+
+    [Theory]
+    [InlineData(Backupd)]
+    [InlineData(Qsd)]
     public async Task A_plaintext_client_is_refused_with_TLS_REQD(string daemon)
     {
         var (d, _) = await StartTlsServerAsync(daemon);

@@ -1,3 +1,4 @@
+using Backup.Block.Security;
 using Backup.Nbd.Protocol;
 
 namespace Backup.Block.Drivers.Nbd;
@@ -20,10 +21,12 @@ public sealed class NbdDriver : IBlockDriver
         var server = o.GetDict("server") ?? throw new BlockException("Parameter 'server' is missing");
         var address = ParseAddress(server);
         var export = o.GetString("export");
+        INbdClientTls? tls = null;
         if (o.GetString("tls-creds") is { } creds)
         {
-            // TLS credential objects are not in this daemon yet; the handshake takes an INbdClientTls once they are.
-            throw new BlockException($"No TLS credentials with id '{creds}'");
+            // QEMU checks the server's name against tls-hostname, else the inet host; a Unix socket has none to check.
+            var hostname = o.GetString("tls-hostname") ?? (address as NbdClientInetAddress)?.Host;
+            tls = new NbdClientTls(TlsCredentials.Find(context.Graph.Objects, creds, TlsEndpoint.Client), hostname);
         }
         var options = new NbdClientOptions
         {
@@ -32,6 +35,7 @@ public sealed class NbdDriver : IBlockDriver
             MetaContext = o.GetString("x-dirty-bitmap") ?? NbdWire.BASE_ALLOCATION,
             ReconnectDelay = TimeSpan.FromSeconds(o.GetInt64("reconnect-delay") ?? 0),
             OpenTimeout = TimeSpan.FromSeconds(o.GetInt64("open-timeout") ?? 0),
+            Tls = tls,
         };
         return await NbdNode.OpenAsync(context, options, NbdFilename.Format(address, export), cancellationToken).ConfigureAwait(false);
     }

@@ -19,7 +19,7 @@ public sealed class NbdCommands(NbdServer server) : ICommandModule
         table.Add("nbd-server-start", (args, _, _) =>
         {
             server.Start(ParseLegacyAddress(args["addr"]!.AsObject()), MaxConnections(args), args["tls-creds"]?.GetValue<string>(),
-                args["tls-authz"]?.GetValue<string>());
+                args["tls-authz"]?.GetValue<string>(), HandshakeMaxSeconds(args));
             return ValueTask.FromResult<JsonNode?>(null);
         });
         table.Add("nbd-server-stop", async (_, _, _) =>
@@ -112,7 +112,8 @@ public sealed class NbdCommands(NbdServer server) : ICommandModule
         ArgumentNullException.ThrowIfNull(server);
         ArgumentNullException.ThrowIfNull(nbdServerOptions);
         server.Start(ParseFlatAddress(nbdServerOptions["addr"]!.AsObject()), MaxConnections(nbdServerOptions),
-            nbdServerOptions["tls-creds"]?.GetValue<string>(), nbdServerOptions["tls-authz"]?.GetValue<string>());
+            nbdServerOptions["tls-creds"]?.GetValue<string>(), nbdServerOptions["tls-authz"]?.GetValue<string>(),
+            HandshakeMaxSeconds(nbdServerOptions));
     }
 
     /// <summary>
@@ -130,6 +131,9 @@ public sealed class NbdCommands(NbdServer server) : ICommandModule
     };
 
     private static uint MaxConnections(JsonObject args) => args["max-connections"] is { } m ? ToUInt32(m) : 0;
+
+    private static uint HandshakeMaxSeconds(JsonObject args) =>
+        args["handshake-max-seconds"] is { } h ? ToUInt32(h) : NbdServer.DefaultHandshakeMaxSeconds;
 
     private static uint ToUInt32(JsonNode node) =>
         node.AsValue().TryGetValue<uint>(out var u) ? u : (uint)node.GetValue<long>();

@@ -23,13 +23,17 @@ public sealed class NbdConnection : IDisposable
     private readonly INbdExportDirectory _directory;
     private readonly ILogger _logger;
     private readonly TlsServerPolicy? _tls;
+    private readonly TimeSpan _handshakeLimit;
     private readonly CancellationTokenSource _cts = new();
     private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
-    internal NbdConnection(Socket socket, INbdExportDirectory directory, ILogger logger, string client, TlsServerPolicy? tls = null)
+    /// <param name="handshakeLimit">How long the client has to finish negotiating (TLS included) before it is dropped; <see cref="Timeout.InfiniteTimeSpan"/> for no limit.</param>
+    internal NbdConnection(Socket socket, INbdExportDirectory directory, ILogger logger, string client, TlsServerPolicy? tls = null,
+        TimeSpan? handshakeLimit = null)
     {
         _socket = socket;
         _tls = tls;
+        _handshakeLimit = handshakeLimit ?? Timeout.InfiniteTimeSpan;
         _directory = directory;
         _logger = logger;
         Client = client;
@@ -49,13 +53,28 @@ public sealed class NbdConnection : IDisposable
         var stream = new NetworkStream(_socket, ownsSocket: false);
         var input = CreateReader(stream);
         var negotiation = new NbdHandshake(_directory, input, stream, _logger, Client, _tls, CreateReader);
+        // A client that connects and never negotiates holds a descriptor and a connection slot for nothing
+        // (CVE-2024-7409): as QEMU, it gets a fixed time to reach transmission, then it is dropped.
+        using var handshakeDeadline = CancellationTokenSource.CreateLinkedTokenSource(_cts.Token);
+        handshakeDeadline.CancelAfter(_handshakeLimit);
         try
         {
-            var handshake = await negotiation.RunAsync(_cts.Token).ConfigureAwait(false);
+            HandshakeResult? handshake;
+            try
+            {
+                handshake = await negotiation.RunAsync(handshakeDeadline.Token).ConfigureAwait(false);
+            }
+            catch (OperationCanceledException) when (!_cts.IsCancellationRequested)
+            {
+                _logger.LogInformation("NBD client {Client}: handshake not finished within {Seconds} s; disconnected",
+                    Client, _handshakeLimit.TotalSeconds);
+                return;
+            }
             if (handshake is null)
             {
                 return;
             }
+            handshakeDeadline.CancelAfter(Timeout.InfiniteTimeSpan);
             var export = handshake.Export;
             if (!export.TryAttach(this))
             {

@@ -27,6 +27,9 @@ namespace Backup.Nbd.Server;
 /// </summary>
 public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
 {
+    /// <summary>QEMU's default since the CVE-2024-7409 fix (also in Debian's 7.2).</summary>
+    public const uint DefaultHandshakeMaxSeconds = 10;
+
     private readonly BlockGraph _graph;
     private readonly Func<IEventSink> _events;
     private readonly IMetaContextProvider _bitmaps;
@@ -42,6 +45,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
     private SemaphoreSlim? _connectionSlots;
     private TlsServerPolicy? _tls;
     private int _maxConnections;
+    private TimeSpan _handshakeLimit = TimeSpan.FromSeconds(DefaultHandshakeMaxSeconds);
     private long _clientCounter;
 
     /// <param name="graph">Where export node names are looked up.</param>
@@ -107,7 +111,9 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
     /// <param name="maxConnections">0 for unlimited; 1 also stops advertising CAN_MULTI_CONN.</param>
     /// <param name="tlsCreds">Id of server TLS credentials: clients must then start TLS before anything else.</param>
     /// <param name="tlsAuthz">Id of an authz object checked against each client certificate's name; ignored without <paramref name="tlsCreds"/>, as in QEMU.</param>
-    public void Start(NbdServerAddress address, uint maxConnections = 0, string? tlsCreds = null, string? tlsAuthz = null)
+    /// <param name="handshakeMaxSeconds">Time a client has to finish negotiating before it is dropped; 0 for no limit (QEMU's handshake-max-seconds).</param>
+    public void Start(NbdServerAddress address, uint maxConnections = 0, string? tlsCreds = null, string? tlsAuthz = null,
+        uint handshakeMaxSeconds = DefaultHandshakeMaxSeconds)
     {
         ArgumentNullException.ThrowIfNull(address);
         lock (_lock)
@@ -141,6 +147,7 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
             _tls = tls;
             _stopping = new CancellationTokenSource();
             _maxConnections = (int)Math.Min(maxConnections, int.MaxValue);
+            _handshakeLimit = handshakeMaxSeconds == 0 ? Timeout.InfiniteTimeSpan : TimeSpan.FromSeconds(handshakeMaxSeconds);
             _connectionSlots = _maxConnections > 0 ? new SemaphoreSlim(_maxConnections, _maxConnections) : null;
             _acceptLoop = AcceptLoopAsync(listener, _connectionSlots, _stopping.Token);
         }
@@ -456,11 +463,13 @@ public sealed class NbdServer : IAsyncDisposable, INbdExportDirectory
             }
             var client = socket.RemoteEndPoint is IPEndPoint ip ? ip.ToString() : $"unix#{Interlocked.Increment(ref _clientCounter)}";
             TlsServerPolicy? tls;
+            TimeSpan handshakeLimit;
             lock (_lock)
             {
                 tls = _tls;
+                handshakeLimit = _handshakeLimit;
             }
-            var connection = new NbdConnection(socket, this, _logger, client, tls);
+            var connection = new NbdConnection(socket, this, _logger, client, tls, handshakeLimit);
             lock (_lock)
             {
                 _connections.Add(connection);

@@ -2,6 +2,7 @@ using System.Net;
 using System.Net.Security;
 using System.Net.Sockets;
 using System.Security.Cryptography.X509Certificates;
+using System.Globalization;
 using System.Text;
 using System.Text.Json.Nodes;
 using Backup.IntegrationTests.Support;
@@ -334,13 +335,181 @@ public sealed class TlsTests : IAsyncLifetime
         File.GetUnixFileMode(Socket).Should().Be(UnixFileMode.UserRead | UnixFileMode.UserWrite);
     }
 
-    [Fact]
-    public async Task TLS_PSK_is_refused_with_a_clear_error()
+    // ------------------------------------------------------------------ TLS-PSK
+
+    private const string PskKey = "9d4c3c8b64d59c5fba0b3d0a0bb1ed30c2f1b6a4e8d7f0a1b2c3d4e5f6a7b8c9";
+
+    /// <summary>keys.psk with users 'qemu' and 'other' (psktool's format), in its own directory.</summary>
+    private async Task<string> PskDirAsync()
     {
-        await File.WriteAllTextAsync(Path.Combine(_images, "keys.psk"), "qemu:9d4c3c8b64d59c5fba0b3d0a0bb1ed30\n");
-        var (code, _, stderr) = await DaemonProcess.RunAsync(["--object", $"tls-creds-psk,id=p,dir={_images},endpoint=server"]);
-        code.Should().Be(1);
-        stderr.Should().Contain("TLS-PSK credentials (tls-creds-psk) are not supported by backupd");
+        var dir = Path.Combine(_images, "psk");
+        Directory.CreateDirectory(dir);
+        await File.WriteAllTextAsync(Path.Combine(dir, "keys.psk"), $"qemu:{PskKey}\nother:{PskKey[..32]}\n");
+        return dir;
+    }
+
+    private string NbdsPskUri(string user, string keys) => $"nbds+unix://{user}@/d?socket={Socket}&tls-psk-file={keys}";
+
+    private static string PskClientObject(string dir) => $"tls-creds-psk,id=tls0,dir={dir},endpoint=client";
+
+    private async Task<(DaemonProcess Daemon, string Image)> StartPskServerAsync(string daemon, string pskDir, params string[] extra)
+    {
+        var image = Path.Combine(_images, "disk.raw");
+        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", image, "1M");
+        var args = new List<string> { "--object", $"tls-creds-psk,id=srv,dir={pskDir},endpoint=server" };
+        args.AddRange(extra);
+        args.AddRange([
+            "--blockdev", $"driver=file,node-name=d,filename={image}",
+            "--nbd-server", $"addr.type=unix,addr.path={Socket},tls-creds=srv" + (extra.Length > 0 ? ",tls-authz=az" : ""),
+            "--export", "type=nbd,id=e,node-name=d,writable=on",
+        ]);
+        return (await DaemonProcess.StartAsync(args, executable: daemon == Qsd ? Qsd : null), image);
+    }
+
+    [Theory]
+    [InlineData(Backupd)]
+    [InlineData(Qsd)]
+    public async Task Nbd_over_TLS_PSK_serves_nbdinfo_nbdcopy_qemu_io_and_qemu_img_and_refuses_a_wrong_key(string daemon)
+    {
+        var pskDir = await PskDirAsync();
+        var keys = Path.Combine(pskDir, "keys.psk");
+        var (d, image) = await StartPskServerAsync(daemon, pskDir);
+        await using var _ = d;
+        var opts = $"driver=nbd,server.type=unix,server.path={Socket},export=d,tls-creds=tls0";
+
+        await Tool.RunAsync("qemu-io", "--object", PskClientObject(pskDir), "--image-opts", opts, "-c", "write -P 0x6b 192k 64k");
+        (await Tool.RunAsync("nbdinfo", NbdsPskUri("qemu", keys))).Should().Contain("newstyle-fixed with TLS").And.Contain("export-size: 1048576");
+        var viaNbdcopy = Path.Combine(_images, "psk-nbdcopy.raw");
+        await Tool.RunAsync("nbdcopy", NbdsPskUri("other", keys), viaNbdcopy);
+        var viaConvert = Path.Combine(_images, "psk-convert.raw");
+        await Tool.RunAsync("qemu-img", "convert", "--object", PskClientObject(pskDir), "--image-opts", opts, "-O", "raw", viaConvert);
+
+        var expected = new byte[1 << 20];
+        Array.Fill(expected, (byte)0x6b, 192 << 10, 64 << 10);
+        (await File.ReadAllBytesAsync(image)).Should().Equal(expected);
+        (await File.ReadAllBytesAsync(viaNbdcopy)).Should().Equal(expected);
+        (await File.ReadAllBytesAsync(viaConvert)).Should().Equal(expected);
+
+        // The right name with the wrong key, and a name the server does not know: no session.
+        var wrongKey = Path.Combine(_images, "wrong.psk");
+        await File.WriteAllTextAsync(wrongKey, $"qemu:{PskKey[..32]}\nstranger:{PskKey}\n");
+        (await Tool.RunWithExitCodeAsync("nbdinfo", NbdsPskUri("qemu", wrongKey))).ExitCode.Should().NotBe(0);
+        (await Tool.RunWithExitCodeAsync("nbdinfo", NbdsPskUri("stranger", wrongKey))).ExitCode.Should().NotBe(0);
+        (await Tool.RunAsync("nbdinfo", "--size", NbdsPskUri("qemu", keys))).Trim().Should().Be("1048576", "the server goes on serving");
+    }
+
+    [Theory]
+    [InlineData(Backupd)]
+    [InlineData(Qsd)]
+    public async Task The_nbd_driver_backs_up_a_TLS_PSK_export(string server)
+    {
+        var pskDir = await PskDirAsync();
+        var (d, image) = await StartPskServerAsync(server, pskDir);
+        await using var _ = d;
+        await Tool.RunAsync("qemu-io", "--object", PskClientObject(pskDir), "--image-opts",
+            $"driver=nbd,server.type=unix,server.path={Socket},export=d,tls-creds=tls0", "-c", "write -P 0x2d 0 64k", "-c", "write -P 0x2e 960k 64k");
+
+        var copy = Path.Combine(_images, "psk-copy.raw");
+        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", copy, "1M");
+        await using var client = await DaemonProcess.StartAsync([
+            "--object", $"tls-creds-psk,id=tls0,dir={pskDir},endpoint=client,username=other",
+            "--blockdev", $"driver=nbd,node-name=remote,server.type=unix,server.path={Socket},export=d,tls-creds=tls0",
+            "--blockdev", $"driver=file,node-name=copy,filename={copy}",
+        ]);
+        await using var qmp = await client.ConnectAsync();
+        (await qmp.ExecuteAsync("blockdev-backup", JsonNode.Parse("""{"job-id": "j", "device": "remote", "target": "copy", "sync": "full"}""")!.AsObject()))
+            .Should().ContainKey("return");
+        JsonObject completed;
+        do
+        {
+            completed = await qmp.NextEventAsync(TimeSpan.FromSeconds(60));
+        }
+        while (completed["event"]!.GetValue<string>() != "BLOCK_JOB_COMPLETED");
+        completed["data"]!.AsObject().Should().NotContainKey("error");
+        (await File.ReadAllBytesAsync(copy)).Should().Equal(await File.ReadAllBytesAsync(image));
+    }
+
+    [Fact]
+    public async Task Tls_authz_checks_the_PSK_username()
+    {
+        // QEMU 8 checks tls-authz against the PSK username; QSD 7.2 ignores tls-authz with PSK credentials.
+        var pskDir = await PskDirAsync();
+        var keys = Path.Combine(pskDir, "keys.psk");
+        var (d, _) = await StartPskServerAsync(Backupd, pskDir, "--object", "authz-simple,id=az,identity=qemu");
+        await using var _ = d;
+        (await Tool.RunAsync("nbdinfo", "--size", NbdsPskUri("qemu", keys))).Trim().Should().Be("1048576");
+        (await Tool.RunWithExitCodeAsync("nbdinfo", "--size", NbdsPskUri("other", keys))).ExitCode.Should().NotBe(0);
+        await WaitForAsync(d, "TLS PSK authz check for other is denied");
+    }
+
+    [Theory]
+    [InlineData(Backupd)]
+    [InlineData(Qsd)]
+    public async Task TLS_PSK_object_errors_use_QEMUs_words(string daemon)
+    {
+        var pskDir = await PskDirAsync();
+        async Task<string> FailAsync(string objectOptions)
+        {
+            var (code, _, stderr) = daemon == Qsd
+                ? await Tool.RunWithExitCodeAsync(Qsd, "--object", objectOptions)
+                : await DaemonProcess.RunAsync(["--object", objectOptions]);
+            code.Should().Be(1, stderr);
+            return stderr;
+        }
+        (await FailAsync($"tls-creds-psk,id=p,dir={pskDir},endpoint=server,username=qemu"))
+            .Should().Contain("username should not be set when endpoint=server");
+        (await FailAsync($"tls-creds-psk,id=p,dir={pskDir},endpoint=client,username=nobody"))
+            .Should().Contain($"Username nobody not found in PSK file {pskDir}/keys.psk");
+        (await FailAsync($"tls-creds-psk,id=p,dir={_images}/none,endpoint=client"))
+            .Should().Contain($"Unable to access credentials {_images}/none/keys.psk: No such file or directory");
+    }
+
+    [Fact]
+    public async Task QMP_over_TCP_with_TLS_PSK_answers_gnutls_cli()
+    {
+        var pskDir = await PskDirAsync();
+        var port = FreePort();
+        await using var d = await DaemonProcess.StartAsync([
+            "--object", $"tls-creds-psk,id=srv,dir={pskDir},endpoint=server",
+            "--chardev", $"socket,id=tcpmon,host=127.0.0.1,port={port},server=on,wait=off,tls-creds=srv",
+            "--monitor", "chardev=tcpmon",
+        ]);
+        var psi = new System.Diagnostics.ProcessStartInfo("gnutls-cli")
+        {
+            ArgumentList = { "--port", port.ToString(CultureInfo.InvariantCulture), "127.0.0.1", "--pskusername", "qemu", "--pskkey", PskKey,
+                "--priority", "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK", "--insecure", "--logfile", "/dev/null" },
+            RedirectStandardInput = true,
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+        };
+        using var cli = System.Diagnostics.Process.Start(psi)!;
+        var stdout = new List<string>();
+        using var timeout = new CancellationTokenSource(TimeSpan.FromSeconds(30));
+        async Task<string> LineWithAsync(string text)
+        {
+            while (await cli.StandardOutput.ReadLineAsync(timeout.Token) is { } line)
+            {
+                stdout.Add(line);
+                if (line.Contains(text, StringComparison.Ordinal))
+                {
+                    return line;
+                }
+            }
+            throw new InvalidOperationException($"gnutls-cli ended without '{text}': {string.Join('\n', stdout)} {await cli.StandardError.ReadToEndAsync()}");
+        }
+        try
+        {
+            await LineWithAsync("\"QMP\"");
+            await cli.StandardInput.WriteLineAsync("""{"execute": "qmp_capabilities"}""");
+            await cli.StandardInput.WriteLineAsync("""{"execute": "query-version", "id": 7}""");
+            await cli.StandardInput.FlushAsync();
+            JsonNode.Parse(await LineWithAsync("\"id\":7"))!["return"]!["qemu"].Should().NotBeNull();
+        }
+        finally
+        {
+            cli.Kill();
+            await cli.WaitForExitAsync();
+        }
     }
 
     // ------------------------------------------------------------------ helpers

@@ -37,10 +37,14 @@ public static class TlsChannel
     /// <summary>TLS 1.2 and 1.3, what QEMU's default GnuTLS priority negotiates with current peers.</summary>
     private const SslProtocols Protocols = SslProtocols.Tls12 | SslProtocols.Tls13;
 
-    public static async ValueTask<SslStream> AcceptAsync(Stream transport, TlsServerPolicy policy, CancellationToken cancellationToken)
+    public static async ValueTask<Stream> AcceptAsync(Stream transport, TlsServerPolicy policy, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(transport);
         ArgumentNullException.ThrowIfNull(policy);
+        if (policy.Credentials is TlsCredentialsPsk psk)
+        {
+            return await AcceptPskAsync(transport, psk, policy, cancellationToken).ConfigureAwait(false);
+        }
         var creds = policy.Credentials as TlsCredentialsX509 ?? throw new TlsException("TLS credentials of this kind are not supported");
         string? peerProblem = null;
         var ssl = new SslStream(transport, leaveInnerStreamOpen: true);
@@ -104,9 +108,17 @@ public static class TlsChannel
     }
 
     /// <param name="hostname">The name the server's certificate must carry (QEMU's tls-hostname, else the host connected to); null skips the name check.</param>
-    public static async ValueTask<SslStream> ConnectAsync(Stream transport, TlsCredentials credentials, string? hostname, CancellationToken cancellationToken)
+    public static async ValueTask<Stream> ConnectAsync(Stream transport, TlsCredentials credentials, string? hostname, CancellationToken cancellationToken)
     {
         ArgumentNullException.ThrowIfNull(transport);
+        if (credentials is TlsCredentialsPsk psk)
+        {
+            if (psk.Endpoint != TlsEndpoint.Client)
+            {
+                throw new TlsException("Expected TLS credentials for a client endpoint");
+            }
+            return await PskTlsStream.HandshakeAsync(transport, psk, server: false, cancellationToken).ConfigureAwait(false);
+        }
         var creds = credentials as TlsCredentialsX509 ?? throw new TlsException("TLS credentials of this kind are not supported");
         if (creds.Endpoint != TlsEndpoint.Client)
         {
@@ -160,6 +172,42 @@ public static class TlsChannel
         catch
         {
             await ssl.DisposeAsync().ConfigureAwait(false);
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// PSK: the client proved it holds the key of the username it sent; with tls-authz that username must
+    /// be allowed (QEMU 8's check; QSD 7.2 ignores tls-authz with PSK credentials and lets every key holder in).
+    /// </summary>
+    private static async ValueTask<Stream> AcceptPskAsync(Stream transport, TlsCredentialsPsk psk, TlsServerPolicy policy,
+        CancellationToken cancellationToken)
+    {
+        var session = await PskTlsStream.HandshakeAsync(transport, psk, server: true, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            if (policy.AuthzId is { } authzId)
+            {
+                var username = session.PeerIdentity ?? throw new TlsException("No PSK username");
+                bool allowed;
+                try
+                {
+                    allowed = Authz.IsAllowedById(policy.Objects, authzId, username);
+                }
+                catch (BlockException e)
+                {
+                    throw new TlsException(e.Message, e);
+                }
+                if (!allowed)
+                {
+                    throw new TlsException($"TLS PSK authz check for {username} is denied");
+                }
+            }
+            return session;
+        }
+        catch
+        {
+            await session.DisposeAsync().ConfigureAwait(false);
             throw;
         }
     }

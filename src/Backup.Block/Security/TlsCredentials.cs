@@ -12,8 +12,7 @@ public enum TlsEndpoint
 
 /// <summary>
 /// TLS credentials (QEMU's tls-creds objects): which end they serve and whether the peer must prove who
-/// it is. The kinds are <see cref="TlsCredentialsX509"/> and the refused PSK kind (see
-/// <see cref="TlsCredentialsPsk"/>).
+/// it is. The kinds are <see cref="TlsCredentialsX509"/> and <see cref="TlsCredentialsPsk"/>.
 /// </summary>
 public abstract class TlsCredentials
 {
@@ -82,19 +81,98 @@ public abstract class TlsCredentials
 }
 
 /// <summary>
-/// tls-creds-psk. QEMU's properties are checked (dir, keys.psk), then the object is refused: .NET's TLS
-/// (SslStream, over OpenSSL on Linux) offers no pre-shared-key cipher suites or callbacks, and a second
-/// TLS stack in the daemon would be a larger risk than the feature is worth. Use tls-creds-x509.
+/// tls-creds-psk: a key shared in advance instead of certificates. keys.psk in <c>dir</c> holds
+/// <c>username:hexkey</c> lines (GnuTLS's psktool format). A server accepts any username in the file, read
+/// at each handshake as GnuTLS does; a client sends <see cref="Username"/> (default "qemu") with its key,
+/// read when the object is created, as QEMU does.
 /// </summary>
-public static class TlsCredentialsPsk
+public sealed class TlsCredentialsPsk : TlsCredentials
 {
-    public const string NotSupported = "TLS-PSK credentials (tls-creds-psk) are not supported by backupd: its TLS stack has no pre-shared key support; use tls-creds-x509";
+    private const string DefaultUsername = "qemu";
 
-    public static TlsCredentials Create(string id, string? dir, TlsEndpoint endpoint)
+    private readonly string _keysPath;
+
+    private TlsCredentialsPsk(string id, TlsEndpoint endpoint, string keysPath, string username, byte[]? clientKey)
+        : base(id, endpoint, verifyPeer: false)
     {
-        _ = id;
-        _ = endpoint;
-        TlsCredentials.FilePath(dir, "keys.psk", required: true);
-        throw new BlockException(NotSupported);
+        _keysPath = keysPath;
+        Username = username;
+        ClientKey = clientKey;
+    }
+
+    /// <summary>The identity a client sends.</summary>
+    public string Username { get; }
+
+    internal byte[]? ClientKey { get; }
+
+    public static TlsCredentialsPsk Create(string id, string? dir, TlsEndpoint endpoint, string? username)
+    {
+        if (endpoint == TlsEndpoint.Server && username is not null)
+        {
+            throw new BlockException("username should not be set when endpoint=server");
+        }
+        var path = FilePath(dir, "keys.psk", required: true)!;
+        if (endpoint == TlsEndpoint.Server)
+        {
+            return new TlsCredentialsPsk(id, endpoint, path, DefaultUsername, null);
+        }
+        username ??= DefaultUsername;
+        var key = Lookup(ReadKeys(path), username, path) ?? throw new BlockException($"Username {username} not found in PSK file {path}");
+        return new TlsCredentialsPsk(id, endpoint, path, username, key);
+    }
+
+    /// <summary>Server side: the key for <paramref name="username"/>, or null with the reason.</summary>
+    internal byte[]? ServerKey(string username, out string? problem)
+    {
+        problem = null;
+        try
+        {
+            var key = Lookup(ReadKeys(_keysPath), username, _keysPath);
+            if (key is null)
+            {
+                problem = $"Unknown PSK username {username}";
+            }
+            return key;
+        }
+        catch (BlockException e)
+        {
+            problem = e.Message;
+            return null;
+        }
+    }
+
+    private static string ReadKeys(string path)
+    {
+        try
+        {
+            return File.ReadAllText(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new BlockException($"Cannot read PSK file {path}: {LibC.Describe(LibC.ErrnoOf(e))}");
+        }
+    }
+
+    private static byte[]? Lookup(string keys, string username, string path)
+    {
+        foreach (var raw in keys.Split('\n'))
+        {
+            var line = raw.TrimEnd('\r');
+            var colon = line.IndexOf(':', StringComparison.Ordinal);
+            if (colon < 0 || !line.AsSpan(0, colon).SequenceEqual(username))
+            {
+                continue;
+            }
+            try
+            {
+                var key = Convert.FromHexString(line.AsSpan(colon + 1).Trim());
+                return key.Length > 0 ? key : throw new FormatException();
+            }
+            catch (FormatException)
+            {
+                throw new BlockException($"Cannot decode hex key for {username} in {path}");
+            }
+        }
+        return null;
     }
 }

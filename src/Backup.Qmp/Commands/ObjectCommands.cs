@@ -25,7 +25,7 @@ public sealed class ObjectCommands(ObjectRegistry objects) : ICommandModule
             {
                 "secret" => CreateSecret(id, args),
                 "tls-creds-x509" => CreateX509(id, args),
-                "tls-creds-psk" => TlsCredentialsPsk.Create(id, args["dir"]?.GetValue<string>(), Endpoint(args)),
+                "tls-creds-psk" => CreatePsk(id, args),
                 "authz-simple" => new AuthzSimple(id, args["identity"]!.GetValue<string>()),
                 "authz-list" => new AuthzList(id, Policy(args["policy"]) ?? AuthzPolicy.Deny, Rules(args["rules"])),
                 "authz-listfile" => AuthzListFile.Load(id, args["filename"]!.GetValue<string>(), args["refresh"]?.GetValue<bool>() ?? true),
@@ -50,6 +50,12 @@ public sealed class ObjectCommands(ObjectRegistry objects) : ICommandModule
     }
 
     private static BlockException Duplicate(string id) => new($"attempt to add duplicate property '{id}' to object (type 'container')");
+
+    private static TlsCredentialsPsk CreatePsk(string id, JsonObject args)
+    {
+        CheckPriority(args);
+        return TlsCredentialsPsk.Create(id, args["dir"]?.GetValue<string>(), Endpoint(args), args["username"]?.GetValue<string>());
+    }
 
     private TlsCredentialsX509 CreateX509(string id, JsonObject args)
     {

@@ -26,7 +26,7 @@ public sealed record BackupRequest
     public bool AutoDismiss { get; init; } = true;
     public long? MaxWorkers { get; init; }
     public long? MaxChunk { get; init; }
-    public long? MinClusterSize { get; init; }
+    public ulong? MinClusterSize { get; init; }
     /// <summary>Name of the copy-before-write filter node the job puts above the source; generated when null.</summary>
     public string? FilterNodeName { get; init; }
     /// <summary>x-perf use-copy-range (accepted; see BackupJob for why copies are read + write).</summary>
@@ -222,10 +222,11 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             throw new BlockException($"Block node is read-only");
         }
         // QEMU appends the filter (bdrv_cbw_append) before it creates the job, so a bad filter name is
-        // reported before a bad job id.
+        // reported before a bad job id; the filter's block copy checks min-cluster-size first.
+        BlockCopy.CheckMinClusterSize(r.MinClusterSize ?? 0);
         var copyOptions = new BlockCopyOptions
         {
-            MinClusterSize = r.MinClusterSize ?? 0,
+            MinClusterSize = (long)(r.MinClusterSize ?? 0),
             MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
             Compress = r.Compress,
             DiscardSource = r.DiscardSource,
@@ -273,7 +274,7 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             MaxChunk = (int)Math.Min(r.MaxChunk ?? 0, int.MaxValue),
             Compress = r.Compress,
             MaxWorkers = (int)Math.Min(r.MaxWorkers ?? 0, int.MaxValue),
-            MinClusterSize = r.MinClusterSize ?? 0,
+            MinClusterSize = (long)(r.MinClusterSize ?? 0),
             ReleaseTarget = release,
             Filter = filter,
             RemoveFilter = () => graph.RemoveFilter(filter),

@@ -127,6 +127,7 @@ public sealed class BlockCopy : IDisposable
         ArgumentNullException.ThrowIfNull(source);
         ArgumentNullException.ThrowIfNull(target);
         options ??= new BlockCopyOptions();
+        CheckMinClusterSize((ulong)options.MinClusterSize);
         _source = source;
         _target = target;
         _cluster = ClusterSizeFor(target, options.MinClusterSize);
@@ -145,6 +146,22 @@ public sealed class BlockCopy : IDisposable
         else
         {
             SetDirtyFrom(bitmap);
+        }
+    }
+
+    /// <summary>
+    /// QEMU's checks of min-cluster-size (block_copy_state_new): it becomes the copy bitmap's granularity,
+    /// so a power of two that a signed 64-bit size holds (QAPI's size is unsigned).
+    /// </summary>
+    public static void CheckMinClusterSize(ulong minClusterSize)
+    {
+        if (minClusterSize > long.MaxValue)
+        {
+            throw new BlockException($"min-cluster-size too large: {minClusterSize} > {long.MaxValue}");
+        }
+        if (minClusterSize != 0 && !ulong.IsPow2(minClusterSize))
+        {
+            throw new BlockException("min-cluster-size needs to be a power of 2");
         }
     }
 

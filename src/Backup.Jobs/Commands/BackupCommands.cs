@@ -55,7 +55,7 @@ public sealed class BackupCommands(BackupStarter starter) : ICommandModule
             MaxChunk = perf?["max-chunk"]?.GetValue<long>(),
             FilterNodeName = Str(a, "filter-node-name"),
             UseCopyRange = perf?["use-copy-range"]?.GetValue<bool>() ?? false,
-            MinClusterSize = perf?["min-cluster-size"] is { } m ? (m.AsValue().TryGetValue<long>(out var l) ? l : long.MaxValue) : null,
+            MinClusterSize = perf?["min-cluster-size"] is { } m ? (m.AsValue().TryGetValue<ulong>(out var u) ? u : (ulong)m.GetValue<long>()) : null,
         };
     }
 

@@ -124,6 +124,25 @@ public class BlockCopyTests
         await node.WriteAsync(offset, data);
     }
 
+    [Theory]
+    [InlineData(0UL, null)]
+    [InlineData(65536UL, null)]
+    [InlineData(1UL << 62, null)]
+    [InlineData(100_000UL, "min-cluster-size needs to be a power of 2")]
+    [InlineData(1UL << 63, "min-cluster-size too large: 9223372036854775808 > 9223372036854775807")]
+    public void Min_cluster_size_is_checked_as_QEMU_checks_it(ulong value, string? error)
+    {
+        var check = FluentActions.Invoking(() => BlockCopy.CheckMinClusterSize(value));
+        if (error is null)
+        {
+            check.Should().NotThrow();
+        }
+        else
+        {
+            check.Should().Throw<BlockException>().WithMessage(error);
+        }
+    }
+
     [Fact]
     public void The_cluster_is_the_largest_of_64_KiB_the_target_cluster_and_min_cluster_size()
     {

@@ -7,7 +7,8 @@ namespace Backup.Block.Drivers.CopyBeforeWrite;
 /// blockdev-add driver=copy-before-write (QAPI BlockdevOptionsCbw): <c>file</c> (the node guests write),
 /// <c>target</c> (where old data goes), <c>bitmap</c> {node, name} (only what it marks is copied; default
 /// everything), <c>on-cbw-error</c> (break-guest-write, the default, or break-snapshot) and
-/// <c>cbw-timeout</c> (seconds a guest write waits for its copy; 0 or absent: no limit). Checks in QEMU's
+/// <c>cbw-timeout</c> (seconds a guest write waits for its copy; 0 or absent: no limit) and
+/// <c>min-cluster-size</c> (the smallest copy unit, QEMU 9.2). Checks in QEMU's
 /// order (cbw_open): the children, the target's write permission, then the bitmap.
 /// </summary>
 public sealed class CopyBeforeWriteDriver : IBlockDriver
@@ -34,7 +35,17 @@ public sealed class CopyBeforeWriteDriver : IBlockDriver
         }
         var onError = context.Options.GetString("on-cbw-error") == "break-snapshot" ? OnCbwError.BreakSnapshot : OnCbwError.BreakGuestWrite;
         var timeout = TimeSpan.FromSeconds(context.Options.GetInt64("cbw-timeout") ?? 0);
-        var copy = new BlockCopy(file, target, bitmap: bitmap);
+        var minClusterSize = MinClusterSize(context.Options);
+        BlockCopy.CheckMinClusterSize(minClusterSize);
+        var copy = new BlockCopy(file, target, new BlockCopyOptions { MinClusterSize = (long)minClusterSize }, bitmap);
         return new CopyBeforeWriteNode(context, file, target, copy, onError, timeout);
     }
+
+    private static ulong MinClusterSize(BlockOptions options) => options["min-cluster-size"] switch
+    {
+        ulong u => u,
+        long l => (ulong)l,
+        int i => (ulong)i,
+        _ => 0,
+    };
 }

@@ -24,7 +24,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "../../.."))
-DLL = os.environ.get("BACKUPD_DLL", os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/backupd.dll"))
+PUBLISHED = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/linux-x64/publish/backupd")
+RELEASE_DLL = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/backupd.dll")
+# The published native binary when it is there (as side-by-side.py), else the Release build under dotnet.
+DLL = os.environ.get("BACKUPD_DLL", os.environ.get("BACKUPD", PUBLISHED if os.path.exists(PUBLISHED) else RELEASE_DLL))
 
 
 class Qmp:
@@ -82,7 +85,7 @@ def one_run(daemon, work, src, size):
             os.unlink(p)
     server = subprocess.Popen(["qemu-nbd", "-t", "-e", "4", "-k", nbd_sock, "-f", "raw", "-x", "exp",
                                "--cache=writeback", target], stderr=subprocess.DEVNULL)
-    argv = ["dotnet", DLL] if daemon == "backupd" else ["qemu-storage-daemon"]
+    argv = (["dotnet", DLL] if DLL.endswith(".dll") else [DLL]) if daemon == "backupd" else ["qemu-storage-daemon"]
     argv += ["--blockdev", json.dumps({"driver": "raw", "node-name": "src",
                                        "file": {"driver": "file", "filename": src}}),
              "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off", "--monitor", "chardev=m"]

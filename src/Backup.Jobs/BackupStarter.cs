@@ -95,6 +95,10 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         {
             backing = source;
         }
+        if (Qmp.Commands.JsonFilename.IsJson(path))
+        {
+            return await PrepareJsonTargetAsync(request with { Sync = sync }, source, mode, path, request.Format, backing, cancellationToken).ConfigureAwait(false);
+        }
         // An nbd: or nbd+unix:// name selects the nbd protocol, as QEMU picks a protocol by a file name's prefix.
         var remote = Block.Drivers.Nbd.NbdFilename.IsNbd(path);
         Func<BlockOptions> protocol = remote
@@ -128,6 +132,35 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
         try
         {
             return Prepare(request with { Sync = sync }, source, target, () => graph.ReleaseAsync(target));
+        }
+        catch
+        {
+            await graph.ReleaseAsync(target).ConfigureAwait(false);
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// drive-backup to a <c>json:{…}</c> target: the object is the whole target node (e.g. an nbd node, or
+    /// qcow2 over one). As in QEMU it names an existing image only: image creation does not know the
+    /// pseudo-protocol ("Unknown protocol 'json'").
+    /// </summary>
+    private async Task<BackupJob> PrepareJsonTargetAsync(BackupRequest request, BlockNode source, string mode, string path, string? format,
+        BlockNode? backing, CancellationToken cancellationToken)
+    {
+        if (mode != "existing")
+        {
+            throw new BlockException("Unknown protocol 'json'");
+        }
+        var options = Qmp.Commands.JsonFilename.Parse(path, format);
+        if (request.Sync == "none")
+        {
+            options["backing"] = backing!.NodeName;
+        }
+        var target = await graph.OpenOwnedAsync(options, cancellationToken).ConfigureAwait(false);
+        try
+        {
+            return Prepare(request, source, target, () => graph.ReleaseAsync(target));
         }
         catch
         {

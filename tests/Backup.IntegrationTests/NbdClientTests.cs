@@ -216,6 +216,58 @@ public sealed class NbdClientTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Drive_backup_takes_json_file_names_of_existing_images()
+    {
+        // QSD 7.2, checked live: json: names an existing image only; the errors below are its words.
+        await StartDaemonAsync();
+        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", PathOf("t.raw"), "64M");
+        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", PathOf("q.raw"), "80M");
+        await StartQemuNbdAsync(PathOf("t.sock"), PathOf("t.raw"));
+        await StartQemuNbdAsync(PathOf("q.sock"), PathOf("q.raw"));
+        string Nbd(string socket) => new JsonObject
+        {
+            ["driver"] = "nbd", ["server"] = new JsonObject { ["type"] = "unix", ["path"] = PathOf(socket) }, ["export"] = "exp",
+        }.ToJsonString();
+
+        await ExecuteOkAsync("drive-backup", new JsonObject
+        {
+            ["device"] = "drive0", ["job-id"] = "j1", ["sync"] = "full", ["mode"] = "existing", ["target"] = "json:" + Nbd("t.sock"),
+        });
+        (await JobEventsAsync("j1")).Should().Contain("BLOCK_JOB_COMPLETED").And.EndWith("null");
+        await Tool.RunAsync("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "raw", PathOf("disk.qcow2"), PathOf("t.raw"));
+
+        // A qcow2 image on the export (formatted through an nbd: name first), then named by json: as format over protocol.
+        await ExecuteOkAsync("drive-backup", new JsonObject
+        {
+            ["device"] = "drive0", ["job-id"] = "j2", ["sync"] = "full", ["format"] = "qcow2", ["target"] = $"nbd+unix:///exp?socket={PathOf("q.sock")}",
+        });
+        (await JobEventsAsync("j2")).Should().Contain("BLOCK_JOB_COMPLETED");
+        await Tool.RunAsync("qemu-io", "--image-opts", $"driver=nbd,server.type=unix,server.path={PathOf("nbd.sock")},export=drive0",
+            "-c", "write -P 0x7e 5M 1M");
+        await ExecuteOkAsync("drive-backup", new JsonObject
+        {
+            ["device"] = "drive0", ["job-id"] = "j3", ["sync"] = "full", ["mode"] = "existing",
+            ["target"] = "json:" + new JsonObject { ["driver"] = "qcow2", ["file"] = JsonNode.Parse(Nbd("q.sock")) }.ToJsonString(),
+        });
+        (await JobEventsAsync("j3")).Should().Contain("BLOCK_JOB_COMPLETED").And.EndWith("null");
+        await Tool.RunAsync("qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2", PathOf("disk.qcow2"), PathOf("q.raw"));
+
+        async Task<string> ErrorOf(string target, string? mode = "existing")
+        {
+            var args = new JsonObject { ["device"] = "drive0", ["job-id"] = "e", ["sync"] = "full", ["target"] = target };
+            if (mode is not null)
+            {
+                args["mode"] = mode;
+            }
+            return (await Qmp.ExecuteAsync("drive-backup", args))["error"]!["desc"]!.GetValue<string>();
+        }
+        (await ErrorOf("json:{\"driver\":\"nbd\"")).Should().Be("Could not parse the JSON options: JSON parse error, premature EOI");
+        (await ErrorOf("json:[1]")).Should().Be("Invalid JSON object given");
+        (await ErrorOf("json:" + Nbd("t.sock"), mode: null)).Should().Be("Unknown protocol 'json'");
+        (await Qmp.ExecuteAsync("query-named-block-nodes"))["return"]!.AsArray().Should().HaveCount(2, "no target node is left behind");
+    }
+
+    [Fact]
     public async Task Opening_errors_are_qemus()
     {
         await StartDaemonAsync();

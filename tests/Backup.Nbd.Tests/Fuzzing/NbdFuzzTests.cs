@@ -44,7 +44,7 @@ public class NbdFuzzTests(ITestOutputHelper output)
         var clock = Stopwatch.StartNew();
         while (clock.Elapsed < duration)
         {
-            var (stream, transmission) = Generate(random);
+            var (stream, transmission) = NbdInputGenerator.Generate(random, "fuzz", DiskSize);
             bytes += stream.Length;
             reachedTransmission += transmission ? 1 : 0;
             connections++;
@@ -71,73 +71,6 @@ public class NbdFuzzTests(ITestOutputHelper output)
         served.Should().BePositive();
         worst.Should().BeLessThan(TimeSpan.FromSeconds(5), "the fuzz connections must not hold up a good client (a loose bound: CI machines are shared)");
         after.Should().BeLessThan(baseline + (32L << 20));
-    }
-
-    private static (byte[] Stream, bool Transmission) Generate(Random random)
-    {
-        var ms = new MemoryStream();
-        var be = new byte[8];
-        void U16(ushort v) { BinaryPrimitives.WriteUInt16BigEndian(be, v); ms.Write(be, 0, 2); }
-        void U32(uint v) { BinaryPrimitives.WriteUInt32BigEndian(be, v); ms.Write(be, 0, 4); }
-        void U64(ulong v) { BinaryPrimitives.WriteUInt64BigEndian(be, v); ms.Write(be, 0, 8); }
-        void Option(uint option, byte[] data)
-        {
-            U64(random.Next(20) == 0 ? (ulong)random.NextInt64() : NbdWire.IHAVEOPT);
-            U32(option);
-            U32(random.Next(20) == 0 ? (uint)random.Next() : (uint)data.Length);
-            ms.Write(data);
-        }
-        byte[] Name(string name) => [.. BitConverter.IsLittleEndian ? BitConverter.GetBytes(BinaryPrimitives.ReverseEndianness(Encoding.UTF8.GetByteCount(name))) : [], .. Encoding.UTF8.GetBytes(name)];
-        byte[] Junk(int max) { var b = new byte[random.Next(max)]; random.NextBytes(b); return b; }
-
-        U32(random.Next(10) == 0 ? (uint)random.Next() : NbdWire.NBD_FLAG_C_FIXED_NEWSTYLE | NbdWire.NBD_FLAG_C_NO_ZEROES);
-        var options = random.Next(6);
-        for (var i = 0; i < options; i++)
-        {
-            var option = (uint)random.Next(0, 13);
-            byte[] data = random.Next(3) switch
-            {
-                0 => Junk(64),
-                1 => [.. Name(random.Next(2) == 0 ? "fuzz" : "nope"), 0, 0],
-                _ => [.. Name("fuzz"), .. BitConverter.GetBytes(BinaryPrimitives.ReverseEndianness(1)), .. Name("base:allocation")],
-            };
-            Option(option, data);
-        }
-        var transmission = random.Next(2) == 0;
-        if (transmission)
-        {
-            if (random.Next(2) == 0)
-            {
-                Option(NbdWire.NBD_OPT_STRUCTURED_REPLY, []);
-            }
-            Option(NbdWire.NBD_OPT_GO, [.. Name("fuzz"), 0, 0]);
-            var requests = random.Next(12);
-            for (var i = 0; i < requests; i++)
-            {
-                var type = (ushort)random.Next(0, 10);
-                var length = (uint)(random.Next(4) switch { 0 => random.Next(), 1 => 0, _ => random.Next(1, 70_000) });
-                U32(random.Next(30) == 0 ? (uint)random.Next() : NbdWire.NBD_REQUEST_MAGIC);
-                U16((ushort)(random.Next(4) == 0 ? random.Next(0, 64) : 0));
-                U16(type);
-                U64((ulong)i);
-                U64((ulong)(random.Next(3) == 0 ? random.NextInt64() : random.Next(0, DiskSize)));
-                U32(length);
-                if (type == NbdWire.NBD_CMD_WRITE && random.Next(3) > 0)
-                {
-                    ms.Write(Junk((int)Math.Min(length, 70_000) + 1));
-                }
-            }
-        }
-        var bytes = ms.ToArray();
-        // Mutate a few bytes of some streams, anywhere.
-        if (random.Next(3) == 0 && bytes.Length > 0)
-        {
-            for (var i = random.Next(1, 4); i > 0; i--)
-            {
-                bytes[random.Next(bytes.Length)] ^= (byte)(1 << random.Next(8));
-            }
-        }
-        return (bytes, transmission);
     }
 
     private static async Task<bool> DrainUntilClosedAsync(Socket socket, TimeSpan timeout)

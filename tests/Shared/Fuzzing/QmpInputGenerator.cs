@@ -1,16 +1,18 @@
 using System.Text;
 
-namespace Backup.Qmp.Tests.Fuzzing;
+namespace Backup.Tests.Fuzzing;
 
 /// <summary>
 /// Seeded QMP input: well-formed requests built from the fuzz schema, and mutations of them (byte flips,
 /// cuts, insertions, duplicate members, lone surrogates, deep nesting, long strings, many members). Each
 /// call returns one line's bytes without its newline; a mutation may contain newlines of its own.
+/// The in-process fuzzer uses its own small schema's names; the black-box one a daemon's real commands,
+/// members, and whole requests (<c>templates</c>) that act on its nodes.
 /// </summary>
-internal sealed class QmpInputGenerator(Random random)
+internal sealed class QmpInputGenerator(Random random, string[]? commands = null, string[]? members = null, string[]? templates = null)
 {
-    private static readonly string[] Commands = ["t", "query-version", "boom", "qmp_capabilities", "nope", ""];
-    private static readonly string[] Members = ["node", "gran", "big", "speed", "flag", "mode", "inner", "list", "bogus"];
+    private readonly string[] _commands = commands ?? ["t", "query-version", "boom", "qmp_capabilities", "nope", ""];
+    private readonly string[] _members = members ?? ["node", "gran", "big", "speed", "flag", "mode", "inner", "list", "bogus"];
 
     public byte[] Next() => random.Next(4) switch
     {
@@ -21,14 +23,18 @@ internal sealed class QmpInputGenerator(Random random)
 
     public string ValidRequest()
     {
-        var sb = new StringBuilder("{\"execute\": \"").Append(Commands[random.Next(Commands.Length)]).Append('"');
+        if (templates is { Length: > 0 } && random.Next(3) == 0)
+        {
+            return templates[random.Next(templates.Length)];
+        }
+        var sb = new StringBuilder("{\"execute\": \"").Append(_commands[random.Next(_commands.Length)]).Append('"');
         if (random.Next(3) > 0)
         {
             sb.Append(", \"arguments\": {");
             var n = random.Next(5);
             for (var i = 0; i < n; i++)
             {
-                sb.Append(i > 0 ? ", " : "").Append('"').Append(Members[random.Next(Members.Length)]).Append("\": ").Append(Value(2));
+                sb.Append(i > 0 ? ", " : "").Append('"').Append(_members[random.Next(_members.Length)]).Append("\": ").Append(Value(2));
             }
             sb.Append('}');
         }

@@ -36,6 +36,8 @@ public sealed record BackupSettings
     /// drives; made by the job (outside any graph) when not given.
     /// </summary>
     public CopyBeforeWriteNode? Filter { get; init; }
+    /// <summary>What a guest write sees when its copy fails, for the filter the job makes itself (a given <see cref="Filter"/> has its own).</summary>
+    public OnCbwError OnCbwError { get; init; } = OnCbwError.BreakGuestWrite;
     /// <summary>Takes the filter out of the graph (when the job is cleaned up).</summary>
     public Action? RemoveFilter { get; init; }
     /// <summary>Called once the job no longer uses the target (drive-backup closes the node it opened).</summary>
@@ -121,7 +123,7 @@ public sealed class BackupJob : Job, IBlockCopyOwner
             ReadOnly = backup.Source.ReadOnly,
             Graph = new BlockGraph([]),
             Options = new BlockOptions(),
-        }, backup.Source, backup.Target, new BlockCopy(backup.Source, backup.Target, CopyOptions(backup)));
+        }, backup.Source, backup.Target, new BlockCopy(backup.Source, backup.Target, CopyOptions(backup)), backup.OnCbwError);
 
     public override string Type => "backup";
 
@@ -267,9 +269,13 @@ public sealed class BackupJob : Job, IBlockCopyOwner
 
     private static long RoundUp(long v, long a) => (v + a - 1) / a * a;
 
+    /// <summary>
+    /// A guest copy failed after its guest write went on (a deferred target write, or an inline copy under
+    /// break-snapshot): the target misses that old data for good, so the job fails.
+    /// </summary>
     private void ThrowIfDeferredFailed()
     {
-        if (_copy.DeferredFailure is { } failure)
+        if ((_copy.DeferredFailure ?? _filter.SnapshotError) is { } failure)
         {
             throw failure as JobFailedException ?? new JobFailedException(Describe(failure), failure);
         }
@@ -291,9 +297,11 @@ public sealed class BackupJob : Job, IBlockCopyOwner
 
     /// <summary>
     /// A guest copy's target write may run after the guest write went on: its failure is the job's (and
-    /// the sync bitmap keeps the bits). Not for sync=none, where nothing else would report it.
+    /// the sync bitmap keeps the bits). Only with on-cbw-error=break-snapshot, whose promise that is: with
+    /// QEMU's break-guest-write a failed copy must fail the guest write, so the copy is made first. Not for
+    /// sync=none, where nothing else would report it.
     /// </summary>
-    bool IBlockCopyOwner.DeferGuestCopies => _s.Sync != BackupSyncMode.None;
+    bool IBlockCopyOwner.DeferGuestCopies => _s.Sync != BackupSyncMode.None && _filter.OnCbwError == OnCbwError.BreakSnapshot;
 
     /// <summary>
     /// One error policy decision at a time, as QEMU's single job coroutine makes: parallel copies that

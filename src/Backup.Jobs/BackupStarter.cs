@@ -20,6 +20,9 @@ public sealed record BackupRequest
     public bool Compress { get; init; }
     /// <summary>Discard what the job copied on the source (upstream QEMU's discard-source).</summary>
     public bool DiscardSource { get; init; }
+
+    /// <summary>The job filter's on-cbw-error (a backupd extension); null for QEMU's break-guest-write.</summary>
+    public string? OnCbwError { get; init; }
     public string? OnSourceError { get; init; }
     public string? OnTargetError { get; init; }
     public bool AutoFinalize { get; init; } = true;
@@ -267,7 +270,8 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             StartInactive = true,
         };
         var filter = (CopyBeforeWriteNode)graph.InsertFilter(r.FilterNodeName, source,
-            context => new CopyBeforeWriteNode(context, source, target, new BlockCopy(source, target, copyOptions)));
+            context => new CopyBeforeWriteNode(context, source, target, new BlockCopy(source, target, copyOptions),
+                r.OnCbwError == "break-snapshot" ? OnCbwError.BreakSnapshot : OnCbwError.BreakGuestWrite));
         try
         {
             jobs.CheckNewId(r.JobId);

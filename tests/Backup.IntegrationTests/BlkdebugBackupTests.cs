@@ -253,11 +253,35 @@ public sealed class BlkdebugBackupTests : IAsyncLifetime
         await RetryIntoSameTargetCoversTheRestAsync(uncopied + 2 * 65536);
     }
 
-    [Fact]
-    public async Task A_failing_copy_before_write_fails_the_job_and_the_retry_still_covers_everything()
+    [Theory]
+    [InlineData("backupd")]
+    [InlineData("qsd")]
+    public async Task By_default_a_failing_copy_before_write_fails_the_guest_write(string daemon)
     {
-        // backupd only: QSD (on-cbw-error=break-guest-write) fails the guest's write instead, while backupd
-        // hands the old data to a deferred target write whose failure is the job's (docs/architecture.md).
+        // QEMU's backup filter uses on-cbw-error=break-guest-write: the old data must reach the target
+        // before the guest write goes on, so a failed copy fails the guest's write.
+        await StartAsync(daemon);
+        await GuestWriteAsync(0x87, 0, 8 * MiB);
+        await AddBlkdebugTargetAsync(Rules($$"""{"inject-error": [{"event": "write_aio", "sector": {{7 * MiB / 512}}, "once": true}]}"""), "raw");
+        var backup = Backup("j1", "always");
+        backup["speed"] = 256 * 1024;
+        backup["x-perf"] = new JsonObject { ["max-workers"] = 1 };
+        await ExecuteOkAsync("blockdev-backup", backup);
+        var (_, stdout, stderr) = await Tool.RunWithExitCodeAsync("qemu-io", "-f", "raw", Nbd, "-c", "write -P 0x98 7M 4k");
+        (stdout + stderr).Should().Contain("write failed: Input/output error");
+        await ExecuteOkAsync("block-job-set-speed", new JsonObject { ["device"] = "j1", ["speed"] = 0 });
+        var events = await JobEventsAsync("j1");
+        Collapsed(events).Should().Be("created running waiting pending BLOCK_JOB_COMPLETED concluded null",
+            "the once rule was spent on the guest's copy; the job's own copy of that chunk succeeds");
+        (await BitmapCountAsync()).Should().Be(0);
+        await TargetEqualsDiskAsync();
+    }
+
+    [Fact]
+    public async Task With_break_snapshot_a_failing_copy_before_write_fails_the_job_and_the_retry_still_covers_everything()
+    {
+        // backupd's extension: with on-cbw-error=break-snapshot the guest write goes on once the old data is
+        // read, and the deferred target write's failure is the job's (docs/architecture.md).
         await StartAsync("backupd");
         await GuestWriteAsync(0x87, 0, 8 * MiB);
         // A raw target, so the sector is the guest's: 7 MiB. The slow job is far from it when the guest
@@ -267,6 +291,7 @@ public sealed class BlkdebugBackupTests : IAsyncLifetime
         var backup = Backup("j1", "always");
         backup["speed"] = 256 * 1024;
         backup["x-perf"] = new JsonObject { ["max-workers"] = 1 };
+        backup["on-cbw-error"] = "break-snapshot";
         await ExecuteOkAsync("blockdev-backup", backup);
         await GuestWriteAsync(0x98, 7 * MiB, 4096);
         FailedOnce(await JobEventsAsync("j1"), "write");

@@ -20,7 +20,8 @@ public class BackupJobTests
     }
 
     private BackupJob Start(ByteNode source, ByteNode target, BackupSyncMode sync, long speed = 0,
-        DirtyBitmap? bitmap = null, BitmapSyncMode mode = BitmapSyncMode.OnSuccess, string id = "j1")
+        DirtyBitmap? bitmap = null, BitmapSyncMode mode = BitmapSyncMode.OnSuccess, string id = "j1",
+        OnCbwError onCbwError = OnCbwError.BreakGuestWrite)
     {
         var job = new BackupJob(_jobs, new JobSettings(id, Speed: speed), new BackupSettings
         {
@@ -29,6 +30,7 @@ public class BackupJobTests
             Sync = sync,
             Bitmap = bitmap,
             BitmapMode = mode,
+            OnCbwError = onCbwError,
         });
         _jobs.Start(job);
         return job;
@@ -68,7 +70,7 @@ public class BackupJobTests
     }
 
     [Fact]
-    public async Task Guest_writes_go_on_once_the_old_data_is_in_memory_not_written()
+    public async Task With_break_snapshot_guest_writes_go_on_once_the_old_data_is_in_memory_not_written()
     {
         var (src, tgt, before, gate) = await StartFullIntoBlockedTarget(32 * MiB);
         // Into a chunk the job is copying, and into one nobody has read yet: neither waits for the target.
@@ -78,14 +80,45 @@ public class BackupJobTests
         await UnblockAndExpectTheStartInstant(tgt, before, gate);
     }
 
+    [Fact]
+    public async Task With_break_guest_write_a_guest_write_waits_until_its_old_data_is_on_the_target()
+    {
+        var (src, tgt, before, gate) = await StartFullIntoBlockedTarget(32 * MiB, OnCbwError.BreakGuestWrite);
+        var write = Fill(src, 20 * MiB + 4096, 8192, 0x36);
+        await Task.Delay(300);
+        write.IsCompleted.Should().BeFalse("QEMU's default: the copy reaches the target before the guest write goes on");
+        await UnblockAndExpectTheStartInstant(tgt, before, gate);
+        await write;
+    }
+
+    [Fact]
+    public async Task With_break_guest_write_a_failed_copy_fails_the_guest_write()
+    {
+        var src = new ByteNode(32 * MiB, "src");
+        await Fill(src, 0, 32 * MiB, 0x37);
+        var gate = new TaskCompletionSource();
+        var tgt = new ByteNode(32 * MiB, "tgt") { WriteGate = gate.Task, FailWritesAt = 20 * MiB + 65536 };
+        Start(src, tgt, BackupSyncMode.Full);
+        await WaitUntil(() => tgt.WritesStarted > 0);
+        var write = Fill(src, 20 * MiB + 65536, 4096, 0x38);
+        await Task.Delay(100);
+        gate.SetResult();
+        await FluentActions.Awaiting(() => write).Should().ThrowAsync<IOException>("QEMU's default: the guest write fails with its copy");
+        src.Snapshot()[20 * MiB + 65536].Should().Be(0x37, "the failed guest write changed nothing");
+        await Done();
+        // The job's own copy of that chunk fails too (the target fails there for good): its error, not the guest's.
+        _log.Value("BLOCK_JOB_COMPLETED", "error").Should().Be("Input/output error");
+    }
+
     /// <summary>A full backup of a filled source into a target whose writes wait, once the job has read its first chunks.</summary>
-    private async Task<(ByteNode Src, ByteNode Tgt, byte[] Before, TaskCompletionSource Gate)> StartFullIntoBlockedTarget(int size)
+    private async Task<(ByteNode Src, ByteNode Tgt, byte[] Before, TaskCompletionSource Gate)> StartFullIntoBlockedTarget(int size,
+        OnCbwError onCbwError = OnCbwError.BreakSnapshot)
     {
         var src = new ByteNode(size, "src");
         await Fill(src, 0, size, 0x34);
         var gate = new TaskCompletionSource();
         var tgt = new ByteNode(size, "tgt") { WriteGate = gate.Task };
-        Start(src, tgt, BackupSyncMode.Full);
+        Start(src, tgt, BackupSyncMode.Full, onCbwError: onCbwError);
         await WaitUntil(() => tgt.WritesStarted > 0);
         return (src, tgt, src.Snapshot(), gate);
     }
@@ -116,7 +149,7 @@ public class BackupJobTests
         await Fill(src, 0, 32 * MiB, 0x37);
         var gate = new TaskCompletionSource();
         var tgt = new ByteNode(32 * MiB, "tgt") { WriteGate = gate.Task, FailWritesAt = 20 * MiB + 65536 };
-        Start(src, tgt, BackupSyncMode.Bitmap, bitmap: b0, mode: BitmapSyncMode.Always);
+        Start(src, tgt, BackupSyncMode.Bitmap, bitmap: b0, mode: BitmapSyncMode.Always, onCbwError: OnCbwError.BreakSnapshot);
         await WaitUntil(() => tgt.WritesStarted > 0);
         // The guest write succeeds; the copy of its chunk's old data fails later, at the target.
         await Fill(src, 20 * MiB + 65536, 4096, 0x38).WaitAsync(TimeSpan.FromSeconds(10));

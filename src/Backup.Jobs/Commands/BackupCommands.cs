@@ -54,6 +54,7 @@ public sealed class BackupCommands(BackupStarter starter) : ICommandModule
             MaxWorkers = perf?["max-workers"]?.GetValue<long>(),
             MaxChunk = perf?["max-chunk"]?.GetValue<long>(),
             FilterNodeName = Str(a, "filter-node-name"),
+            OnCbwError = Str(a, "on-cbw-error"),
             UseCopyRange = perf?["use-copy-range"]?.GetValue<bool>() ?? false,
             MinClusterSize = perf?["min-cluster-size"] is { } m ? (m.AsValue().TryGetValue<ulong>(out var u) ? u : (ulong)m.GetValue<long>()) : null,
         };

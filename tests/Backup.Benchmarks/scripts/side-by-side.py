@@ -18,6 +18,7 @@ rounds, QSD first in even ones); it prints one line per daemon and round (`ROUND
 readable by medians.py), then medians and the table (medians; ratio = backupd / QSD). Run the whole script
 under `flock` on the lock file that everyone who measures on the machine shares.
 
+BACKUPD_BACKUP_ARGS (JSON) adds blockdev-backup arguments for backupd only (its extensions).
 backupd is the published native binary (`dotnet publish src/Backup.Daemon -c Release -r linux-x64`) when
 it is there, else the Release build's backupd.dll; --backupd PATH picks another (a .dll runs under
 `dotnet`). --startup-variant NAME=PATH (repeatable) adds builds to the start-up scenario only.
@@ -48,6 +49,8 @@ BACKUPD = os.environ.get("BACKUPD", PUBLISHED if os.path.exists(PUBLISHED) else 
 MiB = 1 << 20
 CL = 64 * 1024
 PAIRS = int(os.environ.get("GUESTWRITE_PAIRS", "3"))
+# Extra blockdev-backup arguments for backupd only, e.g. '{"on-cbw-error": "break-snapshot"}' (its extension).
+BACKUPD_BACKUP_ARGS = json.loads(os.environ.get("BACKUPD_BACKUP_ARGS", "{}"))
 GiB = 1 << 30
 
 
@@ -158,6 +161,8 @@ class Daemon:
             args["bitmap"] = bitmap
         if speed:
             args["speed"] = speed
+        if self.kind == "backupd":
+            args.update(BACKUPD_BACKUP_ARGS)
         if flush_first:
             os.sync()
         t0 = time.perf_counter()

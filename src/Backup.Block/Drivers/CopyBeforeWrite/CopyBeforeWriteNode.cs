@@ -92,6 +92,9 @@ public sealed partial class CopyBeforeWriteNode : BlockNode
     /// <summary>True once a failed copy broke the snapshot (on-cbw-error=break-snapshot).</summary>
     public bool IsSnapshotBroken => Volatile.Read(ref _snapshotError) is not null;
 
+    /// <summary>The copy failure that broke the snapshot, or null.</summary>
+    public Exception? SnapshotError => Volatile.Read(ref _snapshotError);
+
     /// <summary>The clusters copy-before-write saved to the target.</summary>
     public HBitmap DoneBitmap => _done.Bits;
 

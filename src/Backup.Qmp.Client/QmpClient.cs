@@ -4,6 +4,7 @@ using System.IO.Pipelines;
 using System.Net.Sockets;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using System.Threading.Channels;
 
 namespace Backup.Qmp.Client;
 
@@ -24,6 +25,10 @@ public sealed class QmpClient : IAsyncDisposable
     private List<QmpEventListener> _listeners = [];
     private readonly QmpEventListener _events;
     private readonly CancellationTokenSource _closing = new();
+
+    /// <summary>Replies no command of ours claims (answers to <see cref="SendRawAsync"/> input); the oldest go when it is full.</summary>
+    private readonly Channel<JsonObject> _unclaimed = Channel.CreateBounded<JsonObject>(
+        new BoundedChannelOptions(4096) { FullMode = BoundedChannelFullMode.DropOldest, SingleReader = true });
     private Task _readLoop = Task.CompletedTask;
     private long _nextId;
     private Exception? _closedBecause;
@@ -162,7 +167,25 @@ public sealed class QmpClient : IAsyncDisposable
         }
     }
 
-    /// <summary>Sends bytes as they are (for tests of the server's framing); replies go to no command.</summary>
+    /// <summary>
+    /// The next reply that answers no command of this client: replies to input sent with
+    /// <see cref="SendRawAsync"/> (with the id it carried, if any), and error replies to input the server
+    /// could not read while no command was waiting. Throws <see cref="QmpConnectionException"/> once the
+    /// connection has closed and every such reply was taken.
+    /// </summary>
+    public async Task<JsonObject> NextUnclaimedReplyAsync(CancellationToken cancellationToken = default)
+    {
+        try
+        {
+            return await _unclaimed.Reader.ReadAsync(cancellationToken).ConfigureAwait(false);
+        }
+        catch (ChannelClosedException e)
+        {
+            throw new QmpConnectionException("the QMP connection closed", e);
+        }
+    }
+
+    /// <summary>Sends bytes as they are (for tests of the server's framing); their replies are <see cref="NextUnclaimedReplyAsync"/>'s.</summary>
     public async Task SendRawAsync(ReadOnlyMemory<byte> bytes, CancellationToken cancellationToken = default)
     {
         await _writeLock.WaitAsync(cancellationToken).ConfigureAwait(false);
@@ -282,13 +305,21 @@ public sealed class QmpClient : IAsyncDisposable
             if (_pending.TryGetValue(id, out var p))
             {
                 p.Reply.TrySetResult(message);
+                return;
             }
-            return;
         }
-        // A reply without an id answers input the server could not read as a command; QMP servers answer
-        // in order, so it belongs to the oldest command still waiting.
-        var oldest = _pending.OrderBy(kv => kv.Key).Select(kv => kv.Value).FirstOrDefault();
-        oldest?.Reply.TrySetResult(message);
+        else if (!message.ContainsKey("id"))
+        {
+            // A reply without an id answers input the server could not read as a command; QMP servers answer
+            // in order, so it belongs to the oldest command still waiting.
+            var oldest = _pending.OrderBy(kv => kv.Key).Select(kv => kv.Value).FirstOrDefault();
+            if (oldest is not null)
+            {
+                oldest.Reply.TrySetResult(message);
+                return;
+            }
+        }
+        _unclaimed.Writer.TryWrite(message);
     }
 
     private void Close(Exception? error)
@@ -302,6 +333,7 @@ public sealed class QmpClient : IAsyncDisposable
             _listeners = [];
         }
         _greeting.TrySetException(new QmpConnectionException("the server closed the connection before its QMP greeting"));
+        _unclaimed.Writer.TryComplete();
         foreach (var (_, p) in _pending)
         {
             p.Reply.TrySetException(new QmpConnectionException($"the QMP connection closed before the reply to {p.Command}", error ?? reason));

@@ -94,24 +94,9 @@ public sealed class TlsTests : IAsyncLifetime
         await using var _ = d;
         await Tool.RunAsync("qemu-io", "--object", ClientObject(_pki.ClientDir), "--image-opts", ImageOpts(), "-c", "write -P 0x3c 128k 64k");
 
-        var copy = Path.Combine(_images, "copy.raw");
-        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", copy, "1M");
-        await using var client = await DaemonProcess.StartAsync([
-            "--object", ClientObject(_pki.ClientDir),
-            "--blockdev", $"driver=nbd,node-name=remote,server.type=unix,server.path={Socket},export=d,tls-creds=tls0,tls-hostname=localhost",
-            "--blockdev", $"driver=file,node-name=copy,filename={copy}",
-        ]);
-        await using var qmp = await client.ConnectAsync();
-        (await qmp.ExecuteAsync("blockdev-backup", JsonNode.Parse("""{"job-id": "j", "device": "remote", "target": "copy", "sync": "full"}""")!.AsObject()))
-            .Should().ContainKey("return");
-        JsonObject completed;
-        do
-        {
-            completed = await qmp.NextEventAsync(TimeSpan.FromSeconds(60));
-        }
-        while (completed["event"]!.GetValue<string>() != "BLOCK_JOB_COMPLETED");
-        completed["data"]!.AsObject().Should().NotContainKey("error");
-        (await File.ReadAllBytesAsync(copy)).Should().Equal(await File.ReadAllBytesAsync(image));
+        var (client, qmp) = await BackUpTheExportAsync(ClientObject(_pki.ClientDir), "tls-hostname=localhost", image, "copy.raw");
+        await using var _c = client;
+        await using var _q = qmp;
 
         // Credentials for the wrong end are refused with QEMU's words, and nothing is opened.
         var wrong = await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse($$"""
@@ -409,24 +394,9 @@ public sealed class TlsTests : IAsyncLifetime
         await Tool.RunAsync("qemu-io", "--object", PskClientObject(pskDir), "--image-opts",
             $"driver=nbd,server.type=unix,server.path={Socket},export=d,tls-creds=tls0", "-c", "write -P 0x2d 0 64k", "-c", "write -P 0x2e 960k 64k");
 
-        var copy = Path.Combine(_images, "psk-copy.raw");
-        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", copy, "1M");
-        await using var client = await DaemonProcess.StartAsync([
-            "--object", $"tls-creds-psk,id=tls0,dir={pskDir},endpoint=client,username=other",
-            "--blockdev", $"driver=nbd,node-name=remote,server.type=unix,server.path={Socket},export=d,tls-creds=tls0",
-            "--blockdev", $"driver=file,node-name=copy,filename={copy}",
-        ]);
-        await using var qmp = await client.ConnectAsync();
-        (await qmp.ExecuteAsync("blockdev-backup", JsonNode.Parse("""{"job-id": "j", "device": "remote", "target": "copy", "sync": "full"}""")!.AsObject()))
-            .Should().ContainKey("return");
-        JsonObject completed;
-        do
-        {
-            completed = await qmp.NextEventAsync(TimeSpan.FromSeconds(60));
-        }
-        while (completed["event"]!.GetValue<string>() != "BLOCK_JOB_COMPLETED");
-        completed["data"]!.AsObject().Should().NotContainKey("error");
-        (await File.ReadAllBytesAsync(copy)).Should().Equal(await File.ReadAllBytesAsync(image));
+        var (client, qmp) = await BackUpTheExportAsync($"tls-creds-psk,id=tls0,dir={pskDir},endpoint=client,username=other", null, image, "psk-copy.raw");
+        await using var _c = client;
+        await using var _q = qmp;
     }
 
     [Fact]
@@ -513,6 +483,43 @@ public sealed class TlsTests : IAsyncLifetime
     }
 
     // ------------------------------------------------------------------ helpers
+
+    /// <summary>
+    /// A second backupd with the client credentials <paramref name="clientObject"/> (id tls0) opens the TLS
+    /// export 'd' through its nbd driver and backs it up into a raw file; the copy must equal <paramref name="image"/>.
+    /// </summary>
+    private async Task<(DaemonProcess Client, QmpClient Qmp)> BackUpTheExportAsync(string clientObject, string? extraNbdOptions, string image, string copyName)
+    {
+        var copy = Path.Combine(_images, copyName);
+        await Tool.RunAsync("qemu-img", "create", "-q", "-f", "raw", copy, "1M");
+        var client = await DaemonProcess.StartAsync([
+            "--object", clientObject,
+            "--blockdev", $"driver=nbd,node-name=remote,server.type=unix,server.path={Socket},export=d,tls-creds=tls0" +
+                (extraNbdOptions is null ? "" : "," + extraNbdOptions),
+            "--blockdev", $"driver=file,node-name=copy,filename={copy}",
+        ]);
+        QmpClient? qmp = null;
+        try
+        {
+            qmp = await client.ConnectAsync();
+            (await qmp.ExecuteAsync("blockdev-backup", JsonNode.Parse("""{"job-id": "j", "device": "remote", "target": "copy", "sync": "full"}""")!.AsObject()))
+                .Should().ContainKey("return");
+            JsonObject completed;
+            do
+            {
+                completed = await qmp.NextEventAsync(TimeSpan.FromSeconds(60));
+            }
+            while (completed["event"]!.GetValue<string>() != "BLOCK_JOB_COMPLETED");
+            completed["data"]!.AsObject().Should().NotContainKey("error");
+            (await File.ReadAllBytesAsync(copy)).Should().Equal(await File.ReadAllBytesAsync(image));
+            return (client, qmp);
+        }
+        catch
+        {
+            await DaemonProcess.ShutdownAsync(qmp, client);
+            throw;
+        }
+    }
 
     private static async Task WaitForAsync(DaemonProcess d, string text)
     {

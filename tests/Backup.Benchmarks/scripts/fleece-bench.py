@@ -37,11 +37,10 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "../../.."))
-PUBLISHED = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/linux-x64/publish/backupd")
-RELEASE_DLL = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/backupd.dll")
-BACKUPD = os.environ.get("BACKUPD", PUBLISHED if os.path.exists(PUBLISHED) else RELEASE_DLL)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import command_for, default_backupd  # noqa: E402
+
+BACKUPD = default_backupd()
 MiB = 1 << 20
 
 
@@ -119,8 +118,7 @@ class Daemon:
         for p in (self.nbd, qmp):
             if os.path.exists(p):
                 os.unlink(p)
-        exe = ["dotnet", BACKUPD] if BACKUPD.endswith(".dll") else [BACKUPD]
-        argv = (exe if kind == "backupd" else ["qemu-storage-daemon"]) + [
+        argv = (command_for(BACKUPD) if kind == "backupd" else ["qemu-storage-daemon"]) + [
             "--blockdev", f"driver=file,node-name=src-file,filename={disk}",
             "--blockdev", "driver=qcow2,node-name=src,file=src-file",
             "--chardev", f"socket,id=mon0,path={qmp},server=on,wait=off",

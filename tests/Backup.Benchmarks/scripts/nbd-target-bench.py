@@ -22,46 +22,11 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "../../.."))
-PUBLISHED = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/linux-x64/publish/backupd")
-RELEASE_DLL = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/backupd.dll")
-# The published native binary when it is there (as side-by-side.py), else the Release build under dotnet.
-DLL = os.environ.get("BACKUPD_DLL", os.environ.get("BACKUPD", PUBLISHED if os.path.exists(PUBLISHED) else RELEASE_DLL))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import Qmp, command_for, default_backupd  # noqa: E402
 
-
-class Qmp:
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rb")
-        self.events = []
-        json.loads(self.file.readline())
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        line = self.file.readline()
-        if not line:
-            raise RuntimeError("QMP connection closed")
-        return json.loads(line)
-
-    def cmd(self, command, **args):
-        self.sock.sendall(json.dumps({"execute": command, "arguments": args}).encode() + b"\n")
-        while True:
-            m = self._read()
-            if "event" in m:
-                self.events.append(m)
-            elif "error" in m:
-                raise RuntimeError(f"{command}: {m['error']['desc']}")
-            else:
-                return m["return"]
-
-    def wait_event(self, name):
-        while True:
-            for i, e in enumerate(self.events):
-                if e["event"] == name:
-                    return self.events.pop(i)
-            self.events.append(self._read())
+# $BACKUPD_DLL (the older name) or $BACKUPD, else the published binary, else the Release build.
+DLL = os.environ.get("BACKUPD_DLL", default_backupd())
 
 
 def wait_for(path, proc):
@@ -85,7 +50,7 @@ def one_run(daemon, work, src, size):
             os.unlink(p)
     server = subprocess.Popen(["qemu-nbd", "-t", "-e", "4", "-k", nbd_sock, "-f", "raw", "-x", "exp",
                                "--cache=writeback", target], stderr=subprocess.DEVNULL)
-    argv = (["dotnet", DLL] if DLL.endswith(".dll") else [DLL]) if daemon == "backupd" else ["qemu-storage-daemon"]
+    argv = command_for(DLL) if daemon == "backupd" else ["qemu-storage-daemon"]
     argv += ["--blockdev", json.dumps({"driver": "raw", "node-name": "src",
                                        "file": {"driver": "file", "filename": src}}),
              "--chardev", f"socket,id=m,path={qmp_sock},server=on,wait=off", "--monitor", "chardev=m"]

@@ -41,11 +41,10 @@ import tempfile
 import threading
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.abspath(os.path.join(HERE, "../../.."))
-PUBLISHED = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/linux-x64/publish/backupd")
-RELEASE_DLL = os.path.join(ROOT, "src/Backup.Daemon/bin/Release/net10.0/backupd.dll")
-BACKUPD = os.environ.get("BACKUPD", PUBLISHED if os.path.exists(PUBLISHED) else RELEASE_DLL)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import ROOT, Qmp, command_for, default_backupd  # noqa: E402
+
+BACKUPD = default_backupd()
 MiB = 1 << 20
 CL = 64 * 1024
 PAIRS = int(os.environ.get("GUESTWRITE_PAIRS", "3"))
@@ -60,46 +59,6 @@ def log(msg):
 
 def run(argv, **kw):
     return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-
-
-class Qmp:
-    """Minimal QMP client: one request at a time; events are queued while waiting for replies."""
-
-    def __init__(self, path):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.connect(path)
-        self.file = self.sock.makefile("rb")
-        self.events = []
-        json.loads(self.file.readline())
-        self.cmd("qmp_capabilities")
-
-    def _read(self):
-        line = self.file.readline()
-        if not line:
-            raise RuntimeError("QMP connection closed")
-        return json.loads(line)
-
-    def cmd(self, command, **args):
-        self.sock.sendall(json.dumps({"execute": command, "arguments": args}).encode() + b"\n")
-        while True:
-            m = self._read()
-            if "event" in m:
-                self.events.append(m)
-            elif "error" in m:
-                raise RuntimeError(f"{command}: {m['error']['desc']}")
-            else:
-                return m["return"]
-
-    def wait_event(self, name, job=None):
-        while True:
-            for i, e in enumerate(self.events):
-                if e["event"] == name and (job is None or e["data"].get("device", e["data"].get("id")) == job):
-                    return self.events.pop(i)
-            self.events.append(self._read())
-
-
-def command_for(path):
-    return ["dotnet", path] if path.endswith(".dll") else [path]
 
 
 def daemon_argv(kind):

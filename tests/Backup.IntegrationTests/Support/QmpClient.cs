@@ -1,115 +1,78 @@
-using System.Net.Sockets;
 using System.Text;
 using System.Text.Json.Nodes;
-using System.Threading.Channels;
+using Backup.Qmp.Client;
+using Library = Backup.Qmp.Client.QmpClient;
 
 namespace Backup.IntegrationTests.Support;
 
-/// <summary>A minimal QMP client for tests: replies in order, events collected separately.</summary>
+/// <summary>
+/// The tests' view of a QMP connection, on the project's client library (the one backupctl uses): whole
+/// replies rather than exceptions, events as the messages the daemon sent, raw input and its replies for
+/// the framing and hostile-input tests, and a default timeout on every wait.
+/// </summary>
 public sealed class QmpClient : IAsyncDisposable
 {
-    private readonly Socket _socket;
-    private readonly NetworkStream _stream;
-    private readonly StreamReader _reader;
-    private readonly Channel<JsonObject> _replies = Channel.CreateUnbounded<JsonObject>();
-    private readonly Channel<JsonObject> _events = Channel.CreateUnbounded<JsonObject>();
-    private readonly Task _readLoop;
+    private static readonly TimeSpan DefaultTimeout = TimeSpan.FromSeconds(30);
 
-    private QmpClient(Socket socket)
-    {
-        _socket = socket;
-        _stream = new NetworkStream(socket, ownsSocket: true);
-        _reader = new StreamReader(_stream, Encoding.UTF8);
-        _readLoop = Task.Run(ReadLoopAsync);
-    }
+    private readonly Library _client;
 
-    public JsonObject Greeting { get; private set; } = [];
+    private QmpClient(Library client) => _client = client;
 
+    public JsonObject Greeting => _client.Greeting;
+
+    /// <summary>Connects; a socket error (refused, backlog full) is thrown as the SocketException, which callers retry on.</summary>
     public static async Task<QmpClient> ConnectAsync(string path, bool negotiate = true)
     {
-        var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        await s.ConnectAsync(new UnixDomainSocketEndPoint(path));
-        var c = new QmpClient(s);
-        c.Greeting = await c.NextReplyAsync();
-        if (negotiate)
-        {
-            (await c.ExecuteAsync("qmp_capabilities")).Should().ContainKey("return");
-        }
-        return c;
-    }
-
-    private async Task ReadLoopAsync()
-    {
         try
         {
-            while (await _reader.ReadLineAsync() is { } line)
-            {
-                var msg = JsonNode.Parse(line)!.AsObject();
-                await (msg.ContainsKey("event") ? _events : _replies).Writer.WriteAsync(msg);
-            }
+            return new(await Library.ConnectAsync(new QmpAddress.Unix(path), negotiate));
         }
-        catch (IOException)
+        catch (QmpConnectionException e) when (e.InnerException is System.Net.Sockets.SocketException socketError)
         {
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(socketError);
+            throw;
         }
-        catch (ObjectDisposedException)
-        {
-        }
-        _replies.Writer.TryComplete();
-        _events.Writer.TryComplete();
     }
 
+    /// <summary>The next reply to input sent with <see cref="SendRawAsync"/> (or to an unreadable line).</summary>
     public async Task<JsonObject> NextReplyAsync(TimeSpan? timeout = null)
     {
-        using var cts = new CancellationTokenSource(timeout ?? TimeSpan.FromSeconds(30));
-        return await _replies.Reader.ReadAsync(cts.Token);
+        using var cts = new CancellationTokenSource(timeout ?? DefaultTimeout);
+        return await _client.NextUnclaimedReplyAsync(cts.Token);
     }
 
+    /// <summary>The next event since the connection was made, as the message the daemon sent.</summary>
     public async Task<JsonObject> NextEventAsync(TimeSpan? timeout = null)
     {
-        using var cts = new CancellationTokenSource(timeout ?? TimeSpan.FromSeconds(30));
-        return await _events.Reader.ReadAsync(cts.Token);
+        using var cts = new CancellationTokenSource(timeout ?? DefaultTimeout);
+        return (await _client.Events.NextAsync(cts.Token)).Message;
     }
 
-    /// <summary>True when the daemon has closed the connection (no more replies will come).</summary>
+    /// <summary>True when the daemon has closed the connection within <paramref name="timeout"/>.</summary>
     public async Task<bool> IsClosedAsync(TimeSpan timeout)
     {
-        using var cts = new CancellationTokenSource(timeout);
-        try
+        var deadline = DateTime.UtcNow + timeout;
+        while (!_client.IsClosed)
         {
-            return !await _replies.Reader.WaitToReadAsync(cts.Token);
+            if (DateTime.UtcNow >= deadline)
+            {
+                return false;
+            }
+            await Task.Delay(20);
         }
-        catch (OperationCanceledException)
-        {
-            return false;
-        }
+        return true;
     }
 
-    public async Task SendRawAsync(string text)
+    public Task SendRawAsync(string text) => _client.SendRawAsync(Encoding.UTF8.GetBytes(text));
+
+    /// <summary>Runs a command and returns the whole reply (<c>return</c> or <c>error</c>).</summary>
+    public async Task<JsonObject> ExecuteAsync(string command, object? arguments = null)
     {
-        var bytes = Encoding.UTF8.GetBytes(text);
-        await _stream.WriteAsync(bytes);
+        var args = arguments is null ? null
+            : arguments as JsonObject ?? JsonNode.Parse(System.Text.Json.JsonSerializer.Serialize(arguments))!.AsObject();
+        using var cts = new CancellationTokenSource(DefaultTimeout);
+        return await _client.ExecuteRawAsync(command, args, cts.Token);
     }
 
-    public async Task<JsonObject> ExecuteAsync(string command, object? arguments = null, JsonNode? id = null)
-    {
-        var msg = new JsonObject { ["execute"] = command };
-        if (arguments is not null)
-        {
-            msg["arguments"] = arguments as JsonNode ?? JsonNode.Parse(System.Text.Json.JsonSerializer.Serialize(arguments));
-        }
-        if (id is not null)
-        {
-            msg["id"] = id;
-        }
-        await SendRawAsync(msg.ToJsonString() + "\n");
-        return await NextReplyAsync();
-    }
-
-    public async ValueTask DisposeAsync()
-    {
-        _socket.Shutdown(SocketShutdown.Both);
-        await _stream.DisposeAsync();
-        await _readLoop;
-        _reader.Dispose();
-    }
+    public ValueTask DisposeAsync() => _client.DisposeAsync();
 }

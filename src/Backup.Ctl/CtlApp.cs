@@ -98,13 +98,19 @@ public sealed class CtlApp
             var drive = new Option<string[]>("--drive") { Description = "a drive (node name); repeat for several", Required = true };
             var dir = new Option<string>("--dir") { Description = "the chain folder", Required = true };
             var chunk = new Option<int>("--chunk-size") { Description = "bytes per manifest digest (full backups; a power of two)", DefaultValueFactory = _ => Images.ContentDigest.DefaultChunkSize };
-            var command = new Command(kind.ToString().ToLowerInvariant(), text) { drive, dir, chunk };
+            var speed = new Option<long>("--speed") { Description = "bytes per second each drive's job may copy, guest-triggered copies included (0: no limit)" };
+            var command = new Command(kind.ToString().ToLowerInvariant(), text) { drive, dir, chunk, speed };
             command.SetAction((p, ct) => RunAsync(new Invocation(p, ct), async (output, token) =>
             {
                 var size = p.GetValue(chunk);
                 if (size < 4096 || (size & (size - 1)) != 0)
                 {
                     throw new CtlException($"--chunk-size {size}: expected a power of two of at least 4096", ExitCodes.Usage);
+                }
+                var limit = p.GetValue(speed);
+                if (limit < 0)
+                {
+                    throw new CtlException($"--speed {limit}: expected a number of bytes per second, 0 for no limit", ExitCodes.Usage);
                 }
                 var dirPath = p.GetValue(dir)!;
                 var existing = ChainFolder.Load(dirPath);
@@ -113,7 +119,7 @@ public sealed class CtlApp
                     size = existing.Backups[^1].ChunkSize;
                 }
                 await using var qmp = await ConnectAsync(p, token).ConfigureAwait(false);
-                return await new BackupRunner(qmp, output) { ChunkSize = size }
+                return await new BackupRunner(qmp, output) { ChunkSize = size, Speed = limit }
                     .RunAsync(kind, p.GetValue(drive)!, dirPath, token).ConfigureAwait(false);
             }));
             backup.Subcommands.Add(command);

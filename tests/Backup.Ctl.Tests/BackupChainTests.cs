@@ -174,15 +174,19 @@ public class BackupChainTests
         await vm.WriteAsync("drive1", "0x32", "0", "64k");
 
         // Another client stops the incremental's job as soon as it exists: pause it, then cancel it. Grouped,
-        // the other drive's job is cancelled with it, and both bitmaps get their bits back.
+        // the other drive's job is cancelled with it, and both bitmaps get their bits back. At 1 MiB/s the
+        // 48 MiB would take most of a minute, so the cancel lands midway however busy the machine is.
         await using var qmp = await vm.Daemon.ConnectAsync();
-        var backup = Ctl.RunAsync("--qmp", vm.Qmp, "backup", "inc", "--drive", "drive0", "--drive", "drive1", "--dir", dir, "--json");
+        var backup = Ctl.RunAsync("--qmp", vm.Qmp, "backup", "inc", "--drive", "drive0", "--drive", "drive1", "--dir", dir, "--json",
+            "--speed", (1 << 20).ToString(System.Globalization.CultureInfo.InvariantCulture));
         while (true)
         {
             var e = await qmp.NextEventAsync(TimeSpan.FromSeconds(60));
             if (e["event"]!.GetValue<string>() == "JOB_STATUS_CHANGE" && e["data"]!["id"]!.GetValue<string>() == "backupctl-2-drive0")
             {
                 await qmp.ExecuteAsync("job-pause", new { id = "backupctl-2-drive0" });
+                var jobs = (await qmp.ExecuteAsync("query-block-jobs"))["return"]!.AsArray();
+                jobs.Select(j => j!["speed"]!.GetValue<long>()).Should().Equal(1 << 20, 1 << 20);
                 await qmp.ExecuteAsync("job-cancel", new { id = "backupctl-2-drive0" });
                 break;
             }

@@ -17,6 +17,9 @@ public sealed class BackupRunner(QmpClient qmp, CtlOutput output)
 {
     public int ChunkSize { get; init; } = ContentDigest.DefaultChunkSize;
 
+    /// <summary>Each job's <c>speed</c> in bytes per second; 0 for none.</summary>
+    public long Speed { get; init; }
+
     private sealed record Target(string Drive, string JobId, string Path, string Image, IReadOnlyList<string> Chain, long Size);
 
     public async Task<JsonObject> RunAsync(BackupKind kind, IReadOnlyList<string> drives, string dir, CancellationToken cancellationToken)
@@ -181,7 +184,7 @@ public sealed class BackupRunner(QmpClient qmp, CtlOutput output)
         }
     }
 
-    private static JsonObject Transaction(BackupKind kind, List<Target> targets)
+    private JsonObject Transaction(BackupKind kind, List<Target> targets)
     {
         var actions = new JsonArray();
         foreach (var t in targets)
@@ -202,6 +205,10 @@ public sealed class BackupRunner(QmpClient qmp, CtlOutput output)
                 ["format"] = "qcow2",
                 ["mode"] = "existing",
             };
+            if (Speed > 0)
+            {
+                backup["speed"] = Speed;
+            }
             switch (kind)
             {
                 case BackupKind.Full:

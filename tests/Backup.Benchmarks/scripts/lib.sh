@@ -1,5 +1,6 @@
 # Helpers for the daemon-level benchmarks (docs/performance.md). Source it; BENCH_DIR holds the images.
-BENCH_DIR=${BENCH_DIR:-/work/perfdata}
+BENCH_DIR=${BENCH_DIR:-/var/tmp/backupd-bench}
+mkdir -p "$BENCH_DIR"
 BACKUPD_DLL=${BACKUPD_DLL:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/src/Backup.Daemon/bin/Release/net10.0/backupd.dll}
 # start_daemon backupd|qsd raw|qcow2 IMAGE SOCKET [cache.direct on|off]: file + format node 'n', writable NBD export 'n'
 start_daemon() {

@@ -8,7 +8,7 @@ the wire). The target is qemu-nbd serving a raw file of the same size (writeback
 started fresh for every run. Each daemon opens the target with `blockdev-add driver=nbd` and runs
 `blockdev-backup sync=full`; the time runs from the command to BLOCK_JOB_COMPLETED. Runs alternate
 (backupd, then QSD); the script prints every run, the medians and the ratio QSD/backupd (> 1: backupd
-is faster). Run it under `flock /work/perf.lock` on a shared machine. Standard library only.
+is faster). Run it under `flock /tmp/perf.lock` on a shared machine. Standard library only.
 """
 
 import argparse

@@ -17,7 +17,7 @@ internal static class HelpText
                                  verbose log (backupd has no QEMU trace points)
           -V, --version          output version information and exit
 
-          (no options)           run on the embedded default: a demo disk in ./state
+          (no options)           run on the embedded default: two demo disks in ./state
                                  (or $BACKUPD_STATE_DIR), QMP on state/qmp.sock
 
           --blockdev [driver=]<driver>[,node-name=<N>][,discard=ignore|unmap]

@@ -73,8 +73,11 @@ public class ReadmeTests
         last["kind"]!.GetValue<string>().Should().Be("inc");
         last["sequence"]!.GetValue<int>().Should().Be(5);
 
-        // The restore as of backup 2 holds the first write and not the second.
-        var restored = Path.Combine(dir, "restored.raw");
-        await Tool.RunAsync("qemu-io", "-f", "raw", restored, "-c", "read -P 0x5a 1M 64k", "-c", "read -P 0 100M 64k");
+        last["drives"]!.AsArray().Select(d => d!["drive"]!.GetValue<string>()).Should().Equal("drive0", "drive1");
+        output.Should().Contain("drive1-0004-diff.qcow2");
+
+        // The restores as of backup 2 hold the first writes and not the second.
+        await Tool.RunAsync("qemu-io", "-f", "raw", Path.Combine(dir, "restored0.raw"), "-c", "read -P 0x5a 1M 64k", "-c", "read -P 0 100M 64k");
+        await Tool.RunAsync("qemu-io", "-f", "raw", Path.Combine(dir, "restored1.raw"), "-c", "read -P 0x6a 5M 64k", "-c", "read -P 0 1M 64k");
     }
 }

@@ -137,8 +137,10 @@ public class DaemonLifecycleTests
         d.Stdout.Should().Contain($"backupd: QMP socket {socket}");
         await using var qmp = await QmpClient.ConnectAsync(socket);
         var nodes = (await qmp.ExecuteAsync("query-named-block-nodes"))["return"]!.AsArray();
-        nodes.Select(n => n!["node-name"]!.GetValue<string>()).Should().Contain("drive0");
+        nodes.Select(n => n!["node-name"]!.GetValue<string>()).Should().Contain(["drive0", "drive1"]);
         File.Exists(Path.Combine(state, "demo.img")).Should().BeTrue();
+        File.Exists(Path.Combine(state, "demo1.img")).Should().BeTrue();
+        d.Stdout.Should().Contain($"backupd: demo disk {Path.Combine(state, "demo1.img")} is node 'drive1'");
     }
 
     [Fact]

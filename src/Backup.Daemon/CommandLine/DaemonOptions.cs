@@ -46,7 +46,7 @@ public sealed record DaemonOptions
     public bool ShowHelp { get; init; }
     public bool ShowVersion { get; init; }
 
-    /// <summary>No options at all: run on the embedded default (a demo disk under a local state folder).</summary>
+    /// <summary>No options at all: run on the embedded default (two demo disks under a local state folder).</summary>
     public bool DemoMode { get; init; }
 }
 

@@ -210,12 +210,16 @@ public sealed class HostShutdownRequester(IHostApplicationLifetime lifetime, Nbd
 }
 
 /// <summary>
-/// The embedded default for a first run with no options: a demo disk in a local state folder,
-/// served as node 'drive0' on a QMP socket whose path is printed.
+/// The embedded default for a first run with no options: two demo disks in a local state folder (a VM
+/// has several, and backups of several at one instant are what a newcomer tries), served as nodes
+/// 'drive0' and 'drive1' on a QMP socket whose path is printed.
 /// </summary>
 public sealed class DemoSetup(ILogger<DemoSetup> logger)
 {
     public const long DemoDiskSize = 1L << 30;
+
+    /// <summary>The demo disks: node name and file name in the state folder.</summary>
+    public static readonly IReadOnlyList<(string Node, string File)> Disks = [("drive0", "demo.img"), ("drive1", "demo1.img")];
 
     /// <summary>BACKUPD_STATE_DIR, or ./state under the current directory.</summary>
     public static string StateDirectory =>
@@ -225,21 +229,25 @@ public sealed class DemoSetup(ILogger<DemoSetup> logger)
     {
         var dir = StateDirectory;
         Directory.CreateDirectory(dir);
-        var disk = Path.Combine(dir, "demo.img");
-        if (!File.Exists(disk))
+        var commands = new List<StartupCommand>();
+        foreach (var (node, file) in Disks)
         {
-            using var f = File.Open(disk, FileMode.CreateNew, FileAccess.Write);
-            f.SetLength(DemoDiskSize);
-            logger.LogInformation("created demo disk {Path} ({Size} bytes, sparse)", disk, DemoDiskSize);
+            var disk = Path.Combine(dir, file);
+            if (!File.Exists(disk))
+            {
+                using var f = File.Open(disk, FileMode.CreateNew, FileAccess.Write);
+                f.SetLength(DemoDiskSize);
+                logger.LogInformation("created demo disk {Path} ({Size} bytes, sparse)", disk, DemoDiskSize);
+            }
+            var args = new JsonObject
+            {
+                ["driver"] = "raw",
+                ["node-name"] = node,
+                ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = disk },
+            };
+            commands.Add(new StartupCommand("--blockdev", args.ToJsonString(), "blockdev-add", args));
         }
-        var args = new JsonObject
-        {
-            ["driver"] = "raw",
-            ["node-name"] = "drive0",
-            ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = disk },
-        };
-        var command = new StartupCommand("--blockdev", args.ToJsonString(), "blockdev-add", args);
         var socket = Path.Combine(dir, "qmp.sock");
-        return ([command], [new QmpEndpoint.Unix(socket)]);
+        return (commands, [new QmpEndpoint.Unix(socket)]);
     }
 }

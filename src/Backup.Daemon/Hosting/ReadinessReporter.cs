@@ -24,7 +24,10 @@ public sealed class ReadinessReporter(DaemonOptions options)
     {
         if (options.DemoMode)
         {
-            Console.Out.WriteLine($"backupd: demo disk {Path.Combine(DemoSetup.StateDirectory, "demo.img")} is node 'drive0'");
+            foreach (var (node, file) in DemoSetup.Disks)
+            {
+                Console.Out.WriteLine($"backupd: demo disk {Path.Combine(DemoSetup.StateDirectory, file)} is node '{node}'");
+            }
             foreach (var e in _endpoints)
             {
                 Console.Out.WriteLine(e is QmpEndpoint.Unix u ? $"backupd: QMP socket {u.Path}" : $"backupd: QMP {e}");

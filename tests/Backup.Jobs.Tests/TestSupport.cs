@@ -25,6 +25,9 @@ internal sealed class ByteNode : BlockNode
     /// <summary>When set, writes wait for it to complete before they do anything.</summary>
     public Task? WriteGate { get; set; }
 
+    /// <summary>Each write waits this long first, as a disk would: the writer yields instead of completing inline.</summary>
+    public TimeSpan WriteDelay { get; set; }
+
     /// <summary>Writes that reached the node (including those still waiting for <see cref="WriteGate"/>).</summary>
     public int WritesStarted => Volatile.Read(ref _writesStarted);
 
@@ -68,6 +71,10 @@ internal sealed class ByteNode : BlockNode
     private async ValueTask BeforeWriteAsync(long offset, long length)
     {
         Interlocked.Increment(ref _writesStarted);
+        if (WriteDelay > TimeSpan.Zero)
+        {
+            await Task.Delay(WriteDelay);
+        }
         if (WriteGate is { } gate)
         {
             await gate;

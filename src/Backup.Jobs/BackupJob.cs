@@ -184,25 +184,20 @@ public sealed class BackupJob : Job, IBlockCopyOwner
                 if (extent is { } e)
                 {
                     var now = Environment.TickCount64;
-                    if (!GuestIsWriting(now))
+                    var writing = GuestIsWriting(now);
+                    var due = lastGuestTimeChunk + GuestActiveChunkIntervalMillis;
+                    if (writing ? running.Count == 0 && now >= due : running.Count < _workers)
                     {
-                        if (running.Count < _workers)
-                        {
-                            (var copy, offset) = await StartCopyAsync(e, length, maxChunk).ConfigureAwait(false);
-                            running.Add(copy);
-                            continue;
-                        }
-                    }
-                    else if (running.Count == 0)
-                    {
-                        var due = lastGuestTimeChunk + GuestActiveChunkIntervalMillis;
-                        if (now >= due)
+                        if (writing)
                         {
                             lastGuestTimeChunk = now;
-                            (var copy, offset) = await StartCopyAsync(e, length, maxChunk).ConfigureAwait(false);
-                            running.Add(copy);
-                            continue;
                         }
+                        (var copy, offset) = await StartCopyAsync(e, length, maxChunk).ConfigureAwait(false);
+                        running.Add(copy);
+                        continue;
+                    }
+                    if (writing && running.Count == 0)
+                    {
                         // Wake when the guest may have stopped or the next chunk is due, whichever is first.
                         var quietAt = _copy.LastGuestWriteTicks + GuestActiveMillis;
                         await SleepAsync(TimeSpan.FromMilliseconds(Math.Max(1, Math.Min(due, quietAt) - now))).ConfigureAwait(false);

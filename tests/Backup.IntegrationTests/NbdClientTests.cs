@@ -59,6 +59,9 @@ public sealed class NbdClientTests : IAsyncLifetime
             psi.ArgumentList.Add(a);
         }
         var p = Process.Start(psi)!;
+        // What the server said, for the failure message when it does not come up.
+        var said = new System.Collections.Concurrent.ConcurrentQueue<string>();
+        p.ErrorDataReceived += (_, e) => { if (e.Data is not null) { said.Enqueue(e.Data); } };
         p.BeginErrorReadLine();
         p.BeginOutputReadLine();
         _servers.Add(p);
@@ -66,7 +69,7 @@ public sealed class NbdClientTests : IAsyncLifetime
         // The socket file appears at bind(), before listen(): wait until a connection is accepted.
         while (true)
         {
-            p.HasExited.Should().BeFalse($"{file} exited early");
+            p.HasExited.Should().BeFalse($"{file} exited early (status {(p.HasExited ? p.ExitCode : 0)}): {string.Join(" / ", said)}");
             DateTime.UtcNow.Should().BeBefore(deadline, $"{file} did not listen on {socket}");
             if (File.Exists(socket))
             {
@@ -89,8 +92,13 @@ public sealed class NbdClientTests : IAsyncLifetime
         StartServerAsync(socket, "qemu-nbd", "-t", "-e", "16", "-k", socket, "-f", format, "-x", "exp", "--cache=writeback", image);
 
     /// <summary>nbdkit's memory plugin behind the error filter: writes fail while <c>error</c> exists in the directory.</summary>
+    /// <remarks>
+    /// nbdkit asks for SIGTERM when its parent dies (PR_SET_PDEATHSIG), and Linux sends it when the parent
+    /// thread ends: the pool thread that started it may end any time. A shell that waits for it is a parent
+    /// that lives as long as it does (and killing the shell stops nbdkit too).
+    /// </remarks>
     private Task<Process> StartFailingNbdkitAsync(string socket) =>
-        StartServerAsync(socket, "nbdkit", "-f", "-U", socket, "--filter=error", "memory", "64M",
+        StartServerAsync(socket, "sh", "-c", "nbdkit \"$@\" & wait $!", "nbdkit", "-f", "-U", socket, "--filter=error", "memory", "64M",
             "error-pwrite-rate=100%", $"error-pwrite-file={PathOf("error")}");
 
     private async Task StartDaemonAsync(string daemon = "backupd")

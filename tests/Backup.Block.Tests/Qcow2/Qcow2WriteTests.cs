@@ -248,6 +248,82 @@ public sealed class Qcow2WriteTests : IDisposable
         QemuTools.Img("compare", "-f", "qcow2", "-F", "raw", img, raw);
     }
 
+    [Fact]
+    public async Task A_partial_write_into_a_new_cluster_over_zeros_has_the_file_zero_it_instead_of_copying_on_write()
+    {
+        // As QEMU (handle_alloc_space): where the rest of a new cluster reads as zeros, the file zeroes
+        // the cluster (fallocate) and only the request's bytes are written; no copy-on-write read happens.
+        // Every cow_read fails here, so a write that copies on write fails.
+        var img = _dir.File("partial.qcow2");
+        QemuTools.Img("create", "-q", "-f", "qcow2", img, "8M");
+        QemuTools.Io(img, "write -P 0x10 6M 64k");
+        QemuTools.Img("snapshot", "-c", "s1", img);
+        var model = QemuTools.ConvertToRaw(img, _dir.Path);
+        var (graph, node) = await OpenFailingCowReadsAsync();
+        try
+        {
+            await WriteAsync(8192, 4096, 0x55);
+
+            // A freed cluster still holds its old data: taken again, it must read as zeros around the write.
+            await WriteAsync(1 << 20, 1 << 20, 0xAA);
+            await node.FlushAsync();
+            var freed = HostRanges(img, 1 << 20, 1 << 20);
+            await node.DiscardAsync(1 << 20, 1 << 20);
+            Array.Clear(model, 1 << 20, 1 << 20);
+            await node.FlushAsync();
+            await WriteAsync((4 << 20) + 4096, 4096, 0x66);
+            var reused = HostRanges(img, (4 << 20) + 4096, 4096).Should().ContainSingle().Subject.Start - 4096;
+            freed.Should().Contain(r => r.Start <= reused && reused < r.End, "the test needs the write to take a freed cluster");
+            (await Qcow2Open.ReadAllAsync(node)).Should().Equal(model);
+        }
+        finally
+        {
+            await graph.CloseAllAsync();
+        }
+        QemuTools.CheckClean(img);
+        var raw = _dir.File("model.raw");
+        await File.WriteAllBytesAsync(raw, model);
+        QemuTools.Img("compare", "-f", "qcow2", "-F", "raw", img, raw);
+
+        // A cluster shared with the snapshot holds data: a partial write into it copies on write, and fails here.
+        (graph, node) = await OpenFailingCowReadsAsync();
+        try
+        {
+            var copy = async () => await node.WriteAsync(6 << 20, new byte[4096]);
+            await copy.Should().ThrowAsync<IOException>();
+        }
+        finally
+        {
+            await graph.CloseAllAsync();
+        }
+
+        async Task<(BlockGraph, BlockNode)> OpenFailingCowReadsAsync()
+        {
+            var g = BlockGraph.CreateDefault();
+            var n = await g.AddAsync(new BlockOptions
+            {
+                ["driver"] = "qcow2",
+                ["node-name"] = "img",
+                ["discard"] = "unmap",
+                ["file"] = new BlockOptions
+                {
+                    ["driver"] = "blkdebug",
+                    ["inject-error"] = new List<object?> { new BlockOptions { ["event"] = "cow_read" } },
+                    ["image"] = new BlockOptions { ["driver"] = "file", ["filename"] = img },
+                },
+            });
+            return (g, n);
+        }
+
+        async Task WriteAsync(long offset, int length, byte value)
+        {
+            var data = new byte[length];
+            Array.Fill(data, value);
+            await node.WriteAsync(offset, data);
+            data.CopyTo(model, offset);
+        }
+    }
+
     /// <summary>Host byte ranges (qemu-img map) holding the data of guest bytes [start, start + length).</summary>
     private static List<(long Start, long End)> HostRanges(string img, long start, long length)
     {

@@ -107,8 +107,9 @@ public sealed partial class Qcow2Node
     /// <summary>
     /// Step (2): writes the request's bytes to the planned host clusters, outside the metadata lock.
     /// Slices that land on consecutive host bytes go out as one write; a partial new cluster is filled
-    /// from what the guest cluster reads as now (copy-on-write). Counted as a lock-free request, so
-    /// clusters the old mappings name are not reused before it ends.
+    /// from what the guest cluster reads as now (copy-on-write), or, where that is all zeros, zeroed by the
+    /// file first (QEMU's handle_alloc_space), so only the request's bytes are written. Counted as a
+    /// lock-free request, so clusters the old mappings name are not reused before it ends.
     /// </summary>
     private async ValueTask WriteDataAsync(long offset, ReadOnlyMemory<byte> data, ReadOnlyMemory<ClusterPlan> plan,
         CancellationToken cancellationToken)
@@ -126,7 +127,8 @@ public sealed partial class Qcow2Node
                 var guest = offset + pos;
                 var intra = (int)(guest & (_clusterSize - 1));
                 var n = Math.Min(_clusterSize - intra, data.Length - pos);
-                if (p.Publish && n < _clusterSize)
+                if (p.Publish && n < _clusterSize
+                    && !(p.Fresh && ReadsZerosBelow(p.Old) && await ZeroNewClusterAsync(p.Host, cancellationToken).ConfigureAwait(false)))
                 {
                     await FlushRunAsync().ConfigureAwait(false);
                     cow ??= ArrayPool<byte>.Shared.Rent(_clusterSize);
@@ -173,6 +175,33 @@ public sealed partial class Qcow2Node
                 await _data.WriteAsync(runHost, data.Slice(runStart, runLength), WriteFlags.None, cancellationToken).ConfigureAwait(false);
                 runLength = 0;
             }
+        }
+    }
+
+    /// <summary>What a copy-on-write of a cluster with this entry would read is all zeros.</summary>
+    private bool ReadsZerosBelow(Qcow2L2Entry entry) => KindOf(entry) switch
+    {
+        ClusterKind.Zero => true,
+        ClusterKind.Unallocated => _backing is null,
+        _ => false,
+    };
+
+    /// <summary>
+    /// Makes a new host cluster read as zeros without writing zero buffers (fallocate's zero range); false
+    /// where the file cannot (the caller copies on write instead). A 4 KiB write into a new 64 KiB cluster
+    /// then costs 4 KiB of data, not 64.
+    /// </summary>
+    private async ValueTask<bool> ZeroNewClusterAsync(long host, CancellationToken cancellationToken)
+    {
+        await _file.DebugEventAsync(BlkdebugEvent.ClusterAllocSpace).ConfigureAwait(false);
+        try
+        {
+            await _data.WriteZeroesAsync(host, _clusterSize, WriteFlags.NoFallback, cancellationToken).ConfigureAwait(false);
+            return true;
+        }
+        catch (IOException e) when (Posix.LibC.ErrnoOf(e) is Posix.LibC.EOPNOTSUPP or Posix.LibC.EAGAIN)
+        {
+            return false;
         }
     }
 

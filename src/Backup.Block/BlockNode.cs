@@ -97,6 +97,32 @@ public abstract class BlockNode : IAsyncDisposable
         }
     }
 
+    /// <summary>
+    /// A read that requests already in flight may depend on: a block copy saving old data before a guest
+    /// write goes on, or a job's copy whose claim a guest write waits for. It passes the door of a quiesced
+    /// node, as QEMU's node-level requests pass a drained section (only new requests from devices and
+    /// exports are held): held there, it would wait for a quiescence that waits for the write that waits
+    /// for it. It counts as in flight, so a quiescer still waits for it to end.
+    /// </summary>
+    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
+    public async ValueTask ReadForCopyAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken = default)
+    {
+        CheckRange(offset, buffer.Length);
+        if (buffer.IsEmpty)
+        {
+            return;
+        }
+        Interlocked.Increment(ref _inFlight);
+        try
+        {
+            await ReadCoreAsync(offset, buffer, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.Decrement(ref _inFlight);
+        }
+    }
+
     public ValueTask WriteAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags = WriteFlags.None,
         CancellationToken cancellationToken = default)
     {

@@ -115,6 +115,7 @@ public sealed class BackupJob : Job, IBlockCopyOwner
             MaxChunk = backup.MaxChunk,
             Compress = backup.Compress,
             StartInactive = true,
+            GuestCopiesAtWriteSize = backup.Sync != BackupSyncMode.None,
         };
     }
 
@@ -251,7 +252,8 @@ public sealed class BackupJob : Job, IBlockCopyOwner
     private async ValueTask<(Task<long> Copy, long Next)> StartCopyAsync(BitmapExtent e, long length, int maxChunk)
     {
         var r = await _copy.ProbeAsync(e.Offset, Math.Min(e.End, length)).ConfigureAwait(false);
-        var runEnd = r.IsZero && Speed == 0 ? r.End : Math.Min(r.End, e.Offset + maxChunk);
+        // A chunk ends on a cluster boundary even where guest copies left the run starting inside one.
+        var runEnd = r.IsZero && Speed == 0 ? r.End : Math.Min(r.End, (e.Offset + maxChunk) / _cluster * _cluster);
         var copy = r.IsZero ? _copy.CopyZeroesAsync(e.Offset, runEnd) : _copy.CopyDataAsync(e.Offset, runEnd);
         return (copy.AsTask(), runEnd);
     }

@@ -268,6 +268,8 @@ public sealed class BackupStarter(BlockGraph graph, JobManager jobs)
             DiscardSource = r.DiscardSource,
             // The job lets guest writes copy once it has taken its point in time.
             StartInactive = true,
+            // The job copies whatever guest copies leave; sync=none leaves the target what they saved, as QEMU's.
+            GuestCopiesAtWriteSize = sync != "none",
         };
         var filter = (CopyBeforeWriteNode)graph.InsertFilter(r.FilterNodeName, source,
             context => new CopyBeforeWriteNode(context, source, target, new BlockCopy(source, target, copyOptions),

@@ -26,6 +26,14 @@ public sealed record BlockCopyOptions
     /// point in time (freezes its bitmap, sets what to copy) and only then lets guest writes copy.
     /// </summary>
     public bool StartInactive { get; init; }
+
+    /// <summary>
+    /// A guest write copies only the blocks it overwrites (4 KiB and up), not its whole clusters; the
+    /// owner's copies take the rest later. Only for an owner that copies everything left (a backup that
+    /// is not sync=none), and only where nothing can show through the target (no backing, not
+    /// compressed): a partly saved cluster reads zeros there until the rest arrives.
+    /// </summary>
+    public bool GuestCopiesAtWriteSize { get; init; }
 }
 
 /// <summary>
@@ -72,8 +80,10 @@ public readonly record struct SourceRun(long Offset, long End, bool IsZero)
 /// <summary>
 /// Copies ranges of a source node to a target node under a copy bitmap (QEMU's block/block-copy.c), for
 /// the copy-before-write filter (guest copies, before a guest write changes the data) and the backup job
-/// (background copies over what is left). The copy bitmap (anonymous, on the source, one bit per cluster of
-/// max(64 KiB, target cluster, min-cluster-size)) says what is still to copy. A copy claims its clusters
+/// (background copies over what is left). The copy bitmap (anonymous, on the source) says what is still to
+/// copy, one bit per cluster of max(64 KiB, target cluster, min-cluster-size) as QEMU's, or per smaller
+/// block (<see cref="BlockCopyOptions.GuestCopiesAtWriteSize"/>): then a 4 KiB guest write into a 64 KiB
+/// cluster reads and writes 4 KiB, not 64 (QEMU copies the cluster). A copy claims its clusters
 /// (clears their bits) under a lock and records them in flight; a guest write to a claimed cluster waits
 /// for that copy, so each cluster is copied once. A claim is at most one chunk, so a guest zero-write over
 /// gigabytes holds bounded buffers. A claim lasts until the old data is in memory, not until it is on the
@@ -92,9 +102,15 @@ public sealed class BlockCopy : IDisposable
 
     private readonly BlockNode _source;
     private readonly BlockNode _target;
+    /// <summary>The copy bitmap as the node lists it (query-block): QEMU's, one bit per cluster.</summary>
     private readonly DirtyBitmap _copyBitmap;
+    /// <summary>What is still to copy, one bit per <see cref="_grain"/>: the listed bitmap's bits, or finer ones of its own.</summary>
     private readonly HBitmap _copy;
+    /// <summary>The listed bitmap while <see cref="_copy"/> is finer: a cluster is dirty there while any block of it is.</summary>
+    private readonly HBitmap? _shown;
     private readonly long _cluster;
+    /// <summary>The copy bitmap's granularity: the cluster, or a fraction of it for guest copies at write size.</summary>
+    private readonly long _grain;
     private readonly int _maxChunk;
     private readonly bool _compress;
     private readonly bool _discardSource;
@@ -137,11 +153,23 @@ public sealed class BlockCopy : IDisposable
         _discardSource = options.DiscardSource;
         _guestCopiesOff = options.StartInactive;
         _targetReadsZeroInit = !target.Children.Any(c => c.Role == "backing");
+        _grain = options.GuestCopiesAtWriteSize && _targetReadsZeroInit && !_compress
+            ? GuestCopyGrainFor(_cluster, source.Length)
+            : _cluster;
         _copyBitmap = source.GetDirtyBitmaps().CreateAnonymous(_cluster, enabled: false);
-        _copy = _copyBitmap.Bits;
+        if (_grain < _cluster)
+        {
+            _copy = new HBitmap(source.Length, System.Numerics.BitOperations.Log2((ulong)_grain));
+            _shown = _copyBitmap.Bits;
+        }
+        else
+        {
+            _copy = _copyBitmap.Bits;
+        }
         if (bitmap is null)
         {
             _copy.SetAll();
+            _shown?.SetAll();
         }
         else
         {
@@ -165,6 +193,23 @@ public sealed class BlockCopy : IDisposable
         }
     }
 
+    /// <summary>
+    /// The block a guest copy at write size saves: 1/16 of the cluster, at least 4 KiB (the page, and the
+    /// size of most guest writes), grown for disks so large that the copy bitmap would pass 4 MiB.
+    /// </summary>
+    private static long GuestCopyGrainFor(long cluster, long length)
+    {
+        var grain = Math.Max(4096, cluster / 16);
+        while (grain < cluster && length / grain > MaxGrainBits)
+        {
+            grain *= 2;
+        }
+        return grain;
+    }
+
+    /// <summary>The copy bitmap's bits at most, when it is finer than a cluster (4 MiB of bits).</summary>
+    private const long MaxGrainBits = 1L << 25;
+
     /// <summary>The copy unit: max(64 KiB, the target's cluster size, min-cluster-size), as QEMU's block-copy.</summary>
     public static long ClusterSizeFor(BlockNode target, long minClusterSize = 0)
     {
@@ -178,6 +223,12 @@ public sealed class BlockCopy : IDisposable
 
     public long ClusterSize => _cluster;
 
+    /// <summary>
+    /// What one guest copy saves at least, and the copy bitmap's granularity: <see cref="ClusterSize"/>,
+    /// or less with <see cref="BlockCopyOptions.GuestCopiesAtWriteSize"/>.
+    /// </summary>
+    public long GuestCopyGrain => _grain;
+
     /// <summary>The largest claim (whole clusters).</summary>
     public int MaxChunk => _maxChunk;
 
@@ -187,7 +238,7 @@ public sealed class BlockCopy : IDisposable
     /// </summary>
     public HBitmap CopyBitmap => _copy;
 
-    /// <summary>Bytes still to copy (whole clusters).</summary>
+    /// <summary>Bytes still to copy (whole blocks of <see cref="GuestCopyGrain"/>).</summary>
     public long DirtyBytes => _copy.DirtyByteCount;
 
     /// <summary>When a guest write last asked for a copy (Environment.TickCount64).</summary>
@@ -218,26 +269,30 @@ public sealed class BlockCopy : IDisposable
         }
     }
 
-    /// <summary>Makes the copy bitmap exactly the bits of <paramref name="bitmap"/> (any granularity).</summary>
+    /// <summary>Makes the copy bitmap the clusters <paramref name="bitmap"/> (any granularity) marks.</summary>
     public void SetDirtyFrom(HBitmap bitmap)
     {
         ArgumentNullException.ThrowIfNull(bitmap);
         lock (_claim)
         {
             _copy.Clear();
+            _shown?.Clear();
             foreach (var e in bitmap.DirtyExtents())
             {
-                _copy.Set(e.Offset, Math.Min(e.Length, _copy.Size - e.Offset));
+                // Whole clusters, as QEMU: an incremental target without backing may be rebased onto the
+                // previous backup later, and a cluster it holds must then hold all of its data.
+                var start = e.Offset / _cluster * _cluster;
+                MarkDirty(start, Math.Min(RoundUp(e.End, _cluster), _copy.Size) - start);
             }
         }
     }
 
-    /// <summary>Nothing to copy in [offset, offset + length) any more (whole clusters; claimed ones are already clear).</summary>
+    /// <summary>Nothing to copy in [offset, offset + length) any more (whole blocks of <see cref="GuestCopyGrain"/>; claimed ones are already clear).</summary>
     public void Reset(long offset, long length)
     {
         lock (_claim)
         {
-            _copy.Reset(offset, length);
+            MarkClean(offset, length);
         }
     }
 
@@ -275,7 +330,7 @@ public sealed class BlockCopy : IDisposable
     // ------------------------------------------------------------------ copies
 
     /// <summary>
-    /// A background copy of the still-dirty clusters of [start, end) (cluster-aligned start). Errors go to
+    /// A background copy of the still-dirty clusters of [start, end) (start aligned to <see cref="GuestCopyGrain"/>). Errors go to
     /// the owner's policy. Returns the bytes this call copied.
     /// </summary>
     public ValueTask<long> CopyAsync(long start, long end) => CopyRangeAsync(start, end, background: true, knownData: false);
@@ -287,8 +342,8 @@ public sealed class BlockCopy : IDisposable
     public ValueTask<long> CopyDataAsync(long start, long end) => CopyRangeAsync(start, end, background: true, knownData: true);
 
     /// <summary>
-    /// The source's block status for the whole of [start, end) in one call (cluster-aligned start), cut to
-    /// whole clusters: the run at <paramref name="start"/> that reads as zeros or holds data. A run shorter
+    /// The source's block status for the whole of [start, end) in one call (start aligned to
+    /// <see cref="GuestCopyGrain"/>), cut at a cluster boundary: the run at <paramref name="start"/> that reads as zeros or holds data. A run shorter
     /// than a cluster, or an error, gives one data cluster (the read then meets the error under the
     /// owner's policy), as QEMU's block_copy_block_status. The answer stays true for the clusters still
     /// dirty when a copy claims them: any write to them since went through copy-before-write first.
@@ -300,7 +355,8 @@ public sealed class BlockCopy : IDisposable
         try
         {
             var st = await _source.GetBlockStatusAsync(start, end - start).ConfigureAwait(false);
-            var runEnd = start + st.Length >= end ? end : start + st.Length / _cluster * _cluster;
+            // Whole clusters: a run may start inside one that guest copies saved in part.
+            var runEnd = start + st.Length >= end ? end : (start + st.Length) / _cluster * _cluster;
             if (runEnd > start)
             {
                 return new SourceRun(start, runEnd, st.IsZero);
@@ -311,7 +367,7 @@ public sealed class BlockCopy : IDisposable
 #pragma warning restore CA1031
         {
         }
-        return new SourceRun(start, Math.Min(end, start + _cluster), IsZero: false);
+        return new SourceRun(start, Math.Min(end, RoundUp(start + 1, _cluster)), IsZero: false);
     }
 
     /// <summary>
@@ -332,7 +388,7 @@ public sealed class BlockCopy : IDisposable
                 var f = new InFlight(e.Offset, e.End);
                 _inFlight.Add(f);
                 Volatile.Write(ref _inFlightCount, _inFlight.Count);
-                _copy.Reset(e.Offset, e.Length);
+                MarkClean(e.Offset, e.Length);
                 mine.Add(f);
                 pos = e.End;
             }
@@ -371,9 +427,10 @@ public sealed class BlockCopy : IDisposable
     }
 
     /// <summary>
-    /// Saves the old data of the clusters under [offset, offset + length) before a guest write changes
-    /// them (copy-before-write). Completes once that data is safe: on the target, or in memory with a
-    /// deferred target write. Throws when the copy failed (its clusters stay to copy).
+    /// Saves the old data of the clusters (or blocks of <see cref="GuestCopyGrain"/>) under [offset,
+    /// offset + length) before a guest write changes them (copy-before-write). Completes once that data is
+    /// safe: on the target, or in memory with a deferred target write. Throws when the copy failed (its
+    /// blocks stay to copy).
     /// </summary>
     public ValueTask CopyBeforeWriteAsync(long offset, long length)
     {
@@ -387,13 +444,13 @@ public sealed class BlockCopy : IDisposable
         {
             Volatile.Write(ref _lastGuestWrite, now);
         }
-        var end = Math.Min(RoundUp(offset + length, _cluster), _copy.Size);
+        var end = Math.Min(RoundUp(offset + length, _grain), _copy.Size);
         // Bits are cleared when a copy claims them, before it is done: also look at copies in flight.
         if (offset >= end || (_copy.NextDirty(offset, end - offset) < 0 && Volatile.Read(ref _inFlightCount) == 0))
         {
             return ValueTask.CompletedTask;
         }
-        var start = offset / _cluster * _cluster;
+        var start = offset / _grain * _grain;
         return new ValueTask(CopyRangeAsync(start, end, background: false, knownData: false).AsTask());
     }
 
@@ -419,11 +476,49 @@ public sealed class BlockCopy : IDisposable
     {
         lock (_claim)
         {
-            _copy.Set(start, Math.Min(end, _copy.Size) - start);
+            MarkDirty(start, Math.Min(end, _copy.Size) - start);
         }
     }
 
     private static long RoundUp(long v, long a) => (v + a - 1) / a * a;
+
+    /// <summary>[offset, offset + length) is to copy (again). Under _claim, or before the copy is shared.</summary>
+    private void MarkDirty(long offset, long length)
+    {
+        _copy.Set(offset, length);
+        _shown?.Set(offset, length);
+    }
+
+    /// <summary>
+    /// [offset, offset + length) is claimed or needs no copy. The listed bitmap drops the clusters now clean:
+    /// those inside the range, and the two at its ends once no block of theirs is left. Under _claim.
+    /// </summary>
+    private void MarkClean(long offset, long length)
+    {
+        _copy.Reset(offset, length);
+        if (_shown is null || length <= 0)
+        {
+            return;
+        }
+        var end = offset + length;
+        ShowIfClean(offset / _cluster * _cluster);
+        ShowIfClean((end - 1) / _cluster * _cluster);
+        var inner = RoundUp(offset, _cluster);
+        var innerEnd = end / _cluster * _cluster;
+        if (innerEnd > inner)
+        {
+            _shown.Reset(inner, innerEnd - inner);
+        }
+    }
+
+    private void ShowIfClean(long cluster)
+    {
+        var n = Math.Min(_cluster, _copy.Size - cluster);
+        if (_copy.NextDirty(cluster, n) < 0)
+        {
+            _shown!.Reset(cluster, n);
+        }
+    }
 
     /// <summary>
     /// A run of clusters being read for a copy: its bits are already clear; writers to it wait for
@@ -471,7 +566,7 @@ public sealed class BlockCopy : IDisposable
                     var f = new InFlight(e.Offset, claimEnd);
                     _inFlight.Add(f);
                     Volatile.Write(ref _inFlightCount, _inFlight.Count);
-                    _copy.Reset(e.Offset, claimEnd - e.Offset);
+                    MarkClean(e.Offset, claimEnd - e.Offset);
                     mine.Add(f);
                     pos = claimEnd;
                 }
@@ -640,7 +735,7 @@ public sealed class BlockCopy : IDisposable
                 {
                     _deferredFailure ??= ex;
                 }
-                _copy.Set(start, clusterEnd - start);
+                MarkDirty(start, clusterEnd - start);
             }
         }
         finally
@@ -685,7 +780,7 @@ public sealed class BlockCopy : IDisposable
             f.Released = true;
             if (putBack)
             {
-                _copy.Set(f.Start, f.End - f.Start);
+                MarkDirty(f.Start, f.End - f.Start);
             }
             _inFlight.Remove(f);
             Volatile.Write(ref _inFlightCount, _inFlight.Count);
@@ -723,7 +818,7 @@ public sealed class BlockCopy : IDisposable
                     }
                     else
                     {
-                        await _source.ReadAsync(pos, buffer.AsMemory((int)(pos - start), max)).ConfigureAwait(false);
+                        await _source.ReadForCopyAsync(pos, buffer.AsMemory((int)(pos - start), max)).ConfigureAwait(false);
                         pos += max;
                     }
                     break;
@@ -761,11 +856,11 @@ public sealed class BlockCopy : IDisposable
             var i = (int)(pos - start);
             while (i < limit)
             {
-                var zero = IsZero(buffer, i, limit);
-                var j = i + (int)Math.Min(_cluster, limit - i);
-                while (j < limit && j - i < _maxChunk && IsZero(buffer, j, limit) == zero)
+                var j = ClusterEnd(start, i, limit);
+                var zero = IsZero(buffer, i, j);
+                while (j < limit && j - i < _maxChunk && IsZero(buffer, j, ClusterEnd(start, j, limit)) == zero)
                 {
-                    j += (int)Math.Min(_cluster, limit - j);
+                    j = ClusterEnd(start, j, limit);
                 }
                 if (zero)
                 {
@@ -819,8 +914,13 @@ public sealed class BlockCopy : IDisposable
         return targetZeroEnd;
     }
 
-    private bool IsZero(byte[] buffer, int offset, int limit) =>
-        buffer.AsSpan(offset, (int)Math.Min(_cluster, limit - offset)).IndexOfAnyExcept((byte)0) < 0;
+    private static bool IsZero(byte[] buffer, int from, int to) => buffer.AsSpan(from, to - from).IndexOfAnyExcept((byte)0) < 0;
+
+    /// <summary>
+    /// Where the target cluster holding buffer index <paramref name="i"/> ends (the buffer starts at disk
+    /// offset <paramref name="start"/>, which a partly saved cluster leaves unaligned), at most <paramref name="limit"/>.
+    /// </summary>
+    private int ClusterEnd(long start, int i, int limit) => (int)Math.Min(limit, RoundUp(start + i + 1, _cluster) - start);
 
     /// <summary>Writes data (or zeros when <paramref name="data"/> is null) to the target under the error policy.</summary>
     private async ValueTask WriteTargetAsync(long offset, ReadOnlyMemory<byte>? data, long length, bool background)

@@ -299,6 +299,124 @@ public class BlockCopyTests
         tgt.Writes.Should().Be(writes, "stopped copies stay stopped");
         f.Detach();
     }
+
+    /// <summary>Holds every write to its node at <see cref="Gate"/> before the observers after it run.</summary>
+    private sealed class HoldingObserver : IWriteObserver
+    {
+        public TaskCompletionSource Entered { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+        public TaskCompletionSource Gate { get; } = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+        public async ValueTask BeforeWriteAsync(BlockNode node, long offset, long length, WriteKind kind, CancellationToken cancellationToken)
+        {
+            Entered.TrySetResult();
+            await Gate.Task;
+        }
+
+        public void AfterWrite(BlockNode node, long offset, long length, WriteKind kind)
+        {
+        }
+    }
+
+    [Fact]
+    public async Task A_quiesce_that_starts_while_a_guest_write_is_in_flight_lets_its_copy_read_the_source()
+    {
+        // A transaction quiesces the source while a guest write is inside: the write's copy-before-write
+        // must still read the source, or the quiesce waits for the write and the write for its copy (QEMU:
+        // a drained section holds new requests from devices, not the reads the requests inside make).
+        var src = PatternedSource();
+        var tgt = new ArrayNode(MiB, "tgt");
+        var hold = new HoldingObserver();
+        src.AddWriteObserver(hold);
+        var f = Filter(src, tgt);
+        var write = WriteAsync(src, 65536, 4096, 0xEE);
+        await hold.Entered.Task.WaitAsync(TimeSpan.FromSeconds(10));
+        var quiesce = src.QuiesceAsync().AsTask();
+        src.IsQuiesced.Should().BeTrue();
+        hold.Gate.SetResult();
+        await write.WaitAsync(TimeSpan.FromSeconds(10));
+        using (await quiesce.WaitAsync(TimeSpan.FromSeconds(10)))
+        {
+            tgt.Snapshot()[65536].Should().Be(17, "the old data was saved");
+        }
+        f.Detach();
+    }
+
+    /// <summary>A source whose every 4 KiB block holds its own byte, so a block copied to the wrong place shows.</summary>
+    private static ArrayNode PatternedSource()
+    {
+        var src = new ArrayNode(MiB, "src");
+        for (var block = 0; block < MiB / 4096; block++)
+        {
+            src.Fill(block * 4096L, 4096, (byte)(block % 250 + 1));
+        }
+        return src;
+    }
+
+    [Fact]
+    public async Task A_guest_copy_at_write_size_saves_only_the_blocks_written_and_the_owner_copies_the_rest()
+    {
+        var src = PatternedSource();
+        var atStart = src.Snapshot();
+        var tgt = new ArrayNode(MiB, "tgt");
+        var f = Filter(src, tgt, options: new BlockCopyOptions { GuestCopiesAtWriteSize = true });
+        f.BlockCopy.GuestCopyGrain.Should().Be(4096);
+        f.BlockCopy.ClusterSize.Should().Be(65536, "the owner's copies still go by clusters");
+
+        await WriteAsync(f, 65536 + 8192 + 100, 10, 0xEE);
+
+        f.BlockCopy.DirtyBytes.Should().Be(MiB - 4096, "only the 4 KiB block under the write was copied");
+        f.DoneBitmap.DirtyByteCount.Should().Be(4096);
+        // query-block lists the copy bitmap as QEMU's: by clusters, dirty while any block of one is.
+        var listed = src.GetDirtyBitmapsOrEmpty().Should().ContainSingle().Subject;
+        listed.Granularity.Should().Be(65536);
+        listed.Bits.DirtyByteCount.Should().Be(MiB);
+        await WriteAsync(f, 131072, 65536, 0xED);
+        listed.Bits.DirtyByteCount.Should().Be(MiB - 65536, "a write over a whole cluster saves all of it");
+        tgt.Snapshot().AsSpan(65536 + 8192, 4096).ToArray().Should().Equal(atStart.AsSpan(65536 + 8192, 4096).ToArray());
+        tgt.Snapshot().AsSpan(65536, 8192).ToArray().Should().OnlyContain(b => b == 0, "the rest of the cluster is still to copy");
+        // A snapshot reader takes the saved block from the target and the rest of the cluster from the source.
+        var view = new byte[65536];
+        await f.SnapshotReadAsync(65536, view, CancellationToken.None);
+        view.Should().Equal(atStart.AsSpan(65536, 65536).ToArray());
+
+        await f.BlockCopy.CopyAsync(0, MiB);
+
+        tgt.Snapshot().Should().Equal(atStart, "the owner copied everything but the saved blocks, which it must not copy again");
+        f.BlockCopy.DirtyBytes.Should().Be(0);
+        listed.Bits.DirtyByteCount.Should().Be(0);
+        var writes = tgt.Writes;
+        await WriteAsync(f, 65536 + 100, 10, 0xEF);
+        tgt.Writes.Should().Be(writes, "nothing is left to copy before a write");
+    }
+
+    [Fact]
+    public void A_bitmap_still_selects_whole_clusters_with_guest_copies_at_write_size()
+    {
+        // An incremental target without backing may be rebased onto the previous backup: each cluster it
+        // holds must hold all of the cluster's data, as QEMU copies it, not only the 4 KiB the bitmap marked.
+        var bitmap = new Block.Bitmaps.HBitmap(MiB, 12);
+        bitmap.Set(65536 + 8192, 4096);
+        using var copy = new BlockCopy(new ArrayNode(MiB, "src"), new ArrayNode(MiB, "tgt"),
+            new BlockCopyOptions { GuestCopiesAtWriteSize = true }, bitmap);
+        copy.GuestCopyGrain.Should().Be(4096);
+        copy.DirtyBytes.Should().Be(65536);
+        copy.NextDirtyExtent(0, MiB).Should().Be(new Block.Bitmaps.BitmapExtent(65536, 65536));
+    }
+
+    [Fact]
+    public void Guest_copies_stay_whole_clusters_where_the_target_could_show_something_else()
+    {
+        var options = new BlockCopyOptions { GuestCopiesAtWriteSize = true };
+        Filter(new ArrayNode(MiB, "src"), new ArrayNode(MiB, "tgt", backing: true), options: options)
+            .BlockCopy.GuestCopyGrain.Should().Be(65536, "a backing node shows through what a partly saved cluster has not written");
+        Filter(new ArrayNode(MiB, "src"), new ArrayNode(MiB, "tgt"), options: options with { Compress = true })
+            .BlockCopy.GuestCopyGrain.Should().Be(65536, "compressed clusters are written whole");
+        Filter(new ArrayNode(MiB, "src"), new ArrayNode(MiB, "tgt"))
+            .BlockCopy.GuestCopyGrain.Should().Be(65536, "QEMU's unit is the default");
+        Filter(new ArrayNode(4 * MiB, "src"), new ArrayNode(4 * MiB, "tgt", clusterSize: 2 * MiB), options: options)
+            .BlockCopy.GuestCopyGrain.Should().Be(128 * 1024, "a sixteenth of a 2 MiB cluster");
+    }
 }
 
 internal static class BitmapTestExtensions

@@ -62,7 +62,8 @@ public sealed partial class CopyBeforeWriteNode : BlockNode
         Children = [new BlockChild("file", file), new BlockChild("target", target)];
         var set = this.GetDirtyBitmaps();
         // QEMU's order: the done bitmap first, then the access bitmap (listed newest first).
-        _done = set.CreateAnonymous(copy.ClusterSize, enabled: false);
+        // As fine as what one guest copy saves: a snapshot reader must not take a partly saved cluster from the target.
+        _done = set.CreateAnonymous(copy.GuestCopyGrain, enabled: false);
         _access = set.CreateAnonymous(copy.ClusterSize, enabled: false);
         _access.Bits.Merge(copy.CopyBitmap);
         _observer = new Observer(this);
@@ -224,9 +225,9 @@ public sealed partial class CopyBeforeWriteNode : BlockNode
     /// </summary>
     private Task? MarkDone(long offset, long length, Exception? error)
     {
-        var cluster = _copy.ClusterSize;
-        var start = offset / cluster * cluster;
-        var end = Math.Min((offset + length + cluster - 1) / cluster * cluster, _done.Bits.Size);
+        var grain = _copy.GuestCopyGrain;
+        var start = offset / grain * grain;
+        var end = Math.Min((offset + length + grain - 1) / grain * grain, _done.Bits.Size);
         if (end <= start)
         {
             return null;

@@ -78,24 +78,8 @@ public abstract class BlockNode : IAsyncDisposable
 
     // ------------------------------------------------------------------ the I/O path
 
-    [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    public async ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken = default)
-    {
-        CheckRange(offset, buffer.Length);
-        if (buffer.IsEmpty)
-        {
-            return;
-        }
-        await EnterAsync().ConfigureAwait(false);
-        try
-        {
-            await ReadCoreAsync(offset, buffer, cancellationToken).ConfigureAwait(false);
-        }
-        finally
-        {
-            Interlocked.Decrement(ref _inFlight);
-        }
-    }
+    public ValueTask ReadAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken = default) =>
+        ReadAsync(offset, buffer, atTheDoor: true, cancellationToken);
 
     /// <summary>
     /// A read that requests already in flight may depend on: a block copy saving old data before a guest
@@ -104,15 +88,25 @@ public abstract class BlockNode : IAsyncDisposable
     /// exports are held): held there, it would wait for a quiescence that waits for the write that waits
     /// for it. It counts as in flight, so a quiescer still waits for it to end.
     /// </summary>
+    public ValueTask ReadForCopyAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken = default) =>
+        ReadAsync(offset, buffer, atTheDoor: false, cancellationToken);
+
     [AsyncMethodBuilder(typeof(PoolingAsyncValueTaskMethodBuilder))]
-    public async ValueTask ReadForCopyAsync(long offset, Memory<byte> buffer, CancellationToken cancellationToken = default)
+    private async ValueTask ReadAsync(long offset, Memory<byte> buffer, bool atTheDoor, CancellationToken cancellationToken)
     {
         CheckRange(offset, buffer.Length);
         if (buffer.IsEmpty)
         {
             return;
         }
-        Interlocked.Increment(ref _inFlight);
+        if (atTheDoor)
+        {
+            await EnterAsync().ConfigureAwait(false);
+        }
+        else
+        {
+            Interlocked.Increment(ref _inFlight);
+        }
         try
         {
             await ReadCoreAsync(offset, buffer, cancellationToken).ConfigureAwait(false);
